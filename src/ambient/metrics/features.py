@@ -1,0 +1,113 @@
+"""Batched feature extraction with an on-disk cache keyed by content.
+
+A reference set is featurised once: the features of a uint8 image tensor are stored under
+``<cache>/features/<key>.npz`` where the key is the sha256 of the image bytes and shape
+together with the identity of the feature network (its weights' sha256). The cache folder is
+``$AMBIENT_CACHE`` or ``~/.cache/ambient``; files are written atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ambient.metrics.inception import cache_dir, to_uint8
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    """sha256 of a uint8 image tensor's shape and bytes (the cache key of its content)."""
+    arr = np.ascontiguousarray(to_uint8(images).cpu().numpy())
+    digest = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
+    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: to a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Write an npz file atomically: to a temp file in the same folder, then os.replace."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def compute_features(
+    images: torch.Tensor,
+    feature_fn: FeatureFn,
+    batch: int = 64,
+    progress: bool = True,
+    desc: str = "features",
+) -> np.ndarray:
+    """Apply ``feature_fn`` to ``images`` (N, C, H, W) in batches; returns (N, D) float32."""
+    if batch < 1:
+        raise ValueError(f"batch: must be >= 1, got {batch}")
+    n = images.shape[0]
+    out: list[np.ndarray] = []
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, n, batch):
+            chunk = feature_fn(images[start : start + batch])
+            out.append(chunk.detach().cpu().float().numpy())
+            bar.update(chunk.shape[0])
+    if not out:
+        raise ValueError("images: empty")
+    return np.concatenate(out, axis=0)
+
+
+def cached_features(
+    images: torch.Tensor,
+    feature_fn: FeatureFn,
+    feature_id: str,
+    batch: int = 64,
+    progress: bool = True,
+    cache: bool | str | os.PathLike = True,
+    desc: str = "features",
+) -> np.ndarray:
+    """Features of ``images``, read from / written to the cache.
+
+    ``feature_id`` names the network (e.g. ``"inception-" + weights sha256``); ``cache`` is True
+    (default folder), False (no cache) or a folder.
+    """
+    images = to_uint8(images)
+    if cache is False:
+        return compute_features(images, feature_fn, batch, progress, desc)
+    root = cache_dir() if cache is True else Path(cache)
+    key = hashlib.sha256(f"{images_sha256(images)}|{feature_id}".encode()).hexdigest()[:32]
+    path = root / "features" / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as data:
+                feats = data["features"]
+            if feats.shape[0] == images.shape[0]:
+                return feats
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache entry is recomputed and overwritten
+    feats = compute_features(images, feature_fn, batch, progress, desc)
+    try:
+        atomic_save_npz(path, features=feats, feature_id=np.array(feature_id))
+    except OSError as exc:  # a read-only or full cache must not lose the computed features
+        warnings.warn(f"feature cache not written ({path}): {exc}", RuntimeWarning, stacklevel=2)
+    return feats
