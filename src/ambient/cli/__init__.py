@@ -12,6 +12,7 @@ import sys
 import click
 
 from ambient import __version__
+from ambient.errors import TrainingDiverged
 
 EXIT_USAGE = 2
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.ClickException as exc:
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code or EXIT_USAGE)
+    except TrainingDiverged as exc:
+        click.echo(f"error: {_one_line(str(exc))}", err=True)
+        sys.exit(1)
     except (ValueError, OSError) as exc:
         if debug:
             raise

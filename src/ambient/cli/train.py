@@ -1,0 +1,86 @@
+"""`ambient train`: flags → TrainConfig → ambient.train.train."""
+
+from __future__ import annotations
+
+import click
+
+from ambient.backbones import PRESETS
+from ambient.config import OBJECTIVES, PRECISIONS, TrainConfig
+from ambient.corruption import PATTERNS
+from ambient.loss import NORMALIZATIONS
+
+_D = TrainConfig()
+
+# (field, click type, help). Each becomes --field-name, with the seed's --field_name accepted too.
+TRAIN_OPTIONS = [
+    ("data", str, "Dataset: builtin:fashion-mnist, builtin:digits, an image folder, an EDM zip or an .npz."),
+    ("outdir", str, "Output folder; running again into it resumes from its latest snapshot."),
+    ("data_dir", str, "Folder holding builtin datasets' files (else env AMBIENT_DATA, then system paths)."),
+    ("max_size", int, "Use only the first N images."),
+    ("resolution", int, "Resize images to this square size."),
+    ("corruption_probability", float, "p: what the mask A hides (share of pixels for dust)."),
+    ("delta_probability", float, "δ: what the further mask Ã hides on top of A."),
+    ("corruption_pattern", click.Choice(PATTERNS), "Mask family."),
+    ("mask_full_rgb", bool, "Dust: one draw per pixel for all channels."),
+    ("fixed_further", bool, "The paper's variant: Ã fixed per image instead of redrawn each step."),
+    ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
+    ("arch", click.Choice(tuple(PRESETS)), "Backbone preset."),
+    ("batch", int, "Global batch size."),
+    ("lr", float, "Adam learning rate (after warm-up)."),
+    ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
+    ("kimg", float, "Training duration in thousands of images (fractions allowed)."),
+    ("ema", float, "EMA half-life in kimg."),
+    ("ema_rampup", float, "EMA half-life ramp-up ratio (half-life ≤ ratio × images seen); 0 disables."),
+    ("max_grad_norm", float, "Gradient clipping norm; 0 disables."),
+    ("dropout", float, "Dropout probability in the backbone."),
+    ("augment", float, "Probability of an x-flip per image (image, A and Ã flip together)."),
+    ("loss_normalize", click.Choice(NORMALIZATIONS), "mean over observed pixels, or the paper's plain sum."),
+    ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
+    ("seed", int, "Seed of masks, data order and noise."),
+    ("snapshot_kimg", float, "Snapshot interval in kimg."),
+    ("tick_kimg", float, "Logging interval in kimg (stats.jsonl, TensorBoard)."),
+    ("grid_samples", int, "Images in each snapshot's sample grid; 0 disables."),
+    ("precision", click.Choice(PRECISIONS), "fp32, or bf16 autocast."),
+    ("channels_last", bool, "Use channels_last memory format."),
+    ("compile", bool, "torch.compile the model."),
+    ("max_nonfinite", int, "Stop after this many consecutive non-finite steps."),
+    ("device", str, "auto, cpu, cuda or cuda:N."),
+]
+
+
+def train_options(func):
+    for field, typ, help_text in reversed(TRAIN_OPTIONS):
+        flag = field.replace("_", "-")
+        names = [f"--{flag}"] + ([f"--{field}"] if "_" in field else [])
+        default = getattr(_D, field)
+        if typ is bool:
+            func = click.option(*[f"{n}/--no-{n[2:]}" for n in names[:1]], *(
+                [f"{names[1]}/--no_{field}"] if len(names) > 1 else []), field, default=default,
+                help=help_text, show_default=True)(func)
+        else:
+            func = click.option(*names, field, type=typ, default=default, help=help_text,
+                                show_default=default is not None)(func)
+    return func
+
+
+@click.command("train")
+@train_options
+@click.option("--resume", "resume", type=str, default=None,
+              help="Snapshot or outdir to resume from (default: the outdir's latest snapshot, if any).")
+@click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the resolved config; write nothing.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def train_command(dry_run: bool, progress: bool, **kwargs):
+    """Train a denoiser on corrupted data (ambient) or as a naive/clean EDM baseline."""
+    from ambient.train import dry_run as resolve
+    from ambient.train import train
+
+    cfg = TrainConfig(**kwargs)
+    if dry_run:
+        click.echo(resolve(cfg))
+        return
+    outdir = train(cfg, progress=progress, log=lambda m: click.echo(m, err=True))
+    click.echo(f"done: {outdir}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(train_command)

@@ -1,0 +1,104 @@
+"""Multi-process training and sampling through PyTorch's own engine (torchrun + DistributedDataParallel).
+
+``torchrun --nproc_per_node=N -m ambient train …`` (multi-node: add torchrun's ``--nnodes`` and
+rendezvous flags) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; we then join
+the process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP. Every rank draws the
+randomness of the whole global batch and keeps its slice (see :mod:`ambient.train`), so a
+W-process run sees the same data, masks and noise as one process, and its gradient, the mean of
+the ranks' gradients, is the single-process gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ambient.errors import AmbientInputError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise AmbientInputError(f"environment variable {name} is not set (start multi-process runs with torchrun)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise AmbientInputError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as set by torchrun, 1 without it; read before joining any process group."""
+    world = _env_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise AmbientInputError(f"environment variable WORLD_SIZE={world} must be >= 1")
+    return world
+
+
+def _wants_cuda(device: str | torch.device) -> bool:
+    name = str(device)
+    return torch.cuda.is_available() and (name == "auto" or name.startswith("cuda"))
+
+
+def init_from_env(device: str | torch.device = "auto") -> DistEnv:
+    """Join the process group if launched by torchrun (WORLD_SIZE > 1), else a single process.
+
+    Under torchrun each process uses ``cuda:LOCAL_RANK`` when ``device`` is auto/cuda/cuda:N and
+    CUDA exists (backend nccl), else the CPU (backend gloo). Calling it again returns the same answer.
+    """
+    world = world_size_from_env()
+    if world <= 1:
+        return DistEnv()
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = _wants_cuda(device)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """``module`` itself in a single process, else DistributedDataParallel around it (rank 0's
+    weights are broadcast, gradients averaged over ranks in backward)."""
+    if env.world_size <= 1:
+        return module
+    ids = [env.local_rank] if env.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def mean_across(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean of a scalar over ranks (the same on every rank)."""
+    if env.world_size <= 1:
+        return value
+    v = value.detach().clone().float()
+    dist.all_reduce(v)
+    return v / env.world_size
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def shard(items: list, env: DistEnv) -> list:
+    """This rank's share of a list (round-robin), e.g. seeds for sampling."""
+    return items[env.rank::env.world_size]

@@ -1,0 +1,95 @@
+"""Generate images from a trained model and write them (``ambient sample`` calls this).
+
+Under torchrun each rank draws its share of the seeds; rank 0 gathers and writes. Because each
+sample depends only on its seed, the images do not depend on the number of ranks or the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ambient import distributed as dist_utils
+from ambient.errors import AmbientInputError
+from ambient.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
+from ambient.model import LoadedModel
+from ambient.sampling import sample_in_batches
+
+
+def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_steps: int = 18,
+                 num_masks: int = 1, guidance_scale: float = 0.0, solver: str = "heun", clip: str = "none",
+                 churn: float = 0.0, device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+    """Images in [-1, 1], (len(seeds), C, H, W), one per seed, with the model's own mask law."""
+    cfg = loaded.model
+    spec = loaded.sampling
+    kwargs = dict(corruption=spec.corruption, data_survival=spec.data_survival) if spec.uses_masks else {}
+    sigmas = getattr(loaded.denoiser, "sampling_sigmas", None)
+    if sigmas is not None:
+        kwargs["sigmas"] = sigmas(num_steps)
+    shape = (cfg.img_channels, cfg.resolution, cfg.resolution)
+    chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
+    out = []
+    iterator = chunks
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(chunks, unit="batch", desc="sampling")
+    for chunk in iterator:
+        out.append(sample_in_batches(loaded.denoiser, len(chunk), chunk, batch, image_shape=shape,
+                                     num_steps=num_steps, num_masks=num_masks, guidance_scale=guidance_scale,
+                                     solver=solver, clip=clip, churn=churn, device=device, **kwargs))
+    return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+def sample_distributed(loaded: LoadedModel, seeds: list[int], **kwargs) -> torch.Tensor | None:
+    """Like :func:`sample_model` under torchrun: every rank samples its share; rank 0 gets all, in seed order."""
+    env = dist_utils.init_from_env(str(kwargs.get("device", "auto")))
+    if env.world_size == 1:
+        return sample_model(loaded, seeds, **kwargs)
+    kwargs["device"] = env.device
+    loaded.denoiser.to(env.device)
+    mine = dist_utils.shard(list(range(len(seeds))), env)
+    images = sample_model(loaded, [seeds[i] for i in mine], **kwargs).cpu()
+    gathered = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object((mine, images), gathered, dst=0)
+    if env.rank != 0:
+        return None
+    out = torch.empty((len(seeds), *images.shape[1:]))
+    for idx, imgs in gathered:
+        out[idx] = imgs
+    return out
+
+
+def grid_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + "_grid.png") if out.suffix == ".npz" else out.with_name(out.name + "_grid.png")
+
+
+def write_samples(out: str | os.PathLike, images: torch.Tensor) -> Path:
+    """Write uint8 images to ``out`` (.npz → key ``images`` (N,H,W,C); else a folder of PNGs) and a grid
+    PNG beside it. Nothing is left half-written: the npz is renamed into place, the folder is built
+    under a temporary name and renamed."""
+    out = Path(out)
+    u8 = float_to_uint8(images)
+    if out.suffix == ".npz":
+        save_images_npz(out, u8)
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise AmbientInputError(f"--out {out}: folder exists and is not empty")
+        tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            save_images_folder(tmp, u8)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AmbientInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    if len(u8):
+        save_grid(grid_path_for(out), u8[:64], nrow=max(1, math.ceil(math.sqrt(min(len(u8), 64)))), padding=1)
+    return out

@@ -1,0 +1,114 @@
+"""A trained model as data: its JSON config, how to build it, how to load it for sampling.
+
+A snapshot's ``config.json`` (see :mod:`ambient.checkpoint`) holds a ``model`` section (the
+backbone and the denoiser's scalings) and a ``sampling`` section (image shape and the mask law
+the sampler must reproduce); :func:`load_model` rebuilds the denoiser from them with the
+EMA weights by default. A training outdir resolves to its latest snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ambient.backbones import BackboneConfig, UNetBackbone
+from ambient.checkpoint import latest_snapshot, load_snapshot, load_state_dict_strict
+from ambient.corruption import Corruption
+from ambient.denoiser import Denoiser
+from ambient.errors import AmbientInputError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone preset and preconditioning; round-trips through JSON."""
+
+    arch: str = "small"
+    img_channels: int = 1
+    resolution: int = 28
+    mask_channels: bool = True
+    dropout: float = 0.0
+    sigma_data: float = 0.5
+    mask_aware: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise AmbientInputError(f"model config has unknown keys {unknown}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the sampler needs to reproduce the training masks."""
+
+    corruption: Corruption
+    data_survival: float | None = None  # A came with the data: its measured observed share
+
+    @property
+    def uses_masks(self) -> bool:
+        c = self.corruption
+        return self.data_survival is not None or c.p > 0 or c.delta > 0
+
+    def to_dict(self) -> dict:
+        return {"corruption": self.corruption.to_dict(), "data_survival": self.data_survival}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingSpec:
+        return cls(Corruption.from_dict(d["corruption"]), d.get("data_survival"))
+
+
+def build_denoiser(cfg: ModelConfig) -> Denoiser:
+    backbone = UNetBackbone(BackboneConfig(cfg.arch, cfg.img_channels, cfg.resolution,
+                                           cfg.mask_channels, cfg.dropout))
+    return Denoiser(backbone, cfg.img_channels, cfg.sigma_data, cfg.mask_aware, cfg.mask_channels)
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A snapshot folder, or a training outdir (its latest snapshot)."""
+    p = Path(path)
+    if not p.exists():
+        raise AmbientInputError(f"--model {p}: no such file or directory")
+    if (p / "model.safetensors").is_file() or (p / "COMPLETE").exists():
+        return p
+    latest = latest_snapshot(p) if p.is_dir() else None
+    if latest is None:
+        raise AmbientInputError(f"--model {p}: not a model (no snapshot-* folder and no model.safetensors)")
+    return latest
+
+
+@dataclass
+class LoadedModel:
+    denoiser: torch.nn.Module
+    model: ModelConfig
+    sampling: SamplingSpec
+    config: dict
+    path: Path
+
+
+def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a trained denoiser (EMA weights unless ``use_ema=False``) in eval mode."""
+    snap_dir = resolve_model_dir(path)
+    snap = load_snapshot(snap_dir, map_location="cpu")
+    cfg = snap.config
+    if "model" not in cfg or "sampling" not in cfg:
+        raise AmbientInputError(f"{snap_dir / 'config.json'}: not an ambient training snapshot "
+                                "(no 'model' / 'sampling' sections)")
+    try:
+        model_cfg = ModelConfig.from_dict(cfg["model"])
+        spec = SamplingSpec.from_dict(cfg["sampling"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AmbientInputError(f"{snap_dir / 'config.json'}: bad model config ({exc})") from None
+    den = build_denoiser(model_cfg)
+    weights = snap.ema if (use_ema and snap.ema is not None) else snap.model
+    load_state_dict_strict(den, weights, snap_dir / ("ema.safetensors" if use_ema and snap.ema else
+                                                     "model.safetensors"))
+    den.to(device).eval().requires_grad_(False)
+    return LoadedModel(den, model_cfg, spec, cfg, snap_dir)

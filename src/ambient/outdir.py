@@ -1,0 +1,135 @@
+"""What a training run writes beside its snapshots: stats.jsonl, TensorBoard events, a progress
+bar, and per-snapshot figures (corrupted training images | samples)."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambient.checkpoint import append_jsonl
+from ambient.errors import AmbientInputError
+from ambient.images import make_grid, save_png
+from ambient.model import SamplingSpec
+from ambient.sampling import ambient_sample
+
+
+def check_writable(outdir: Path) -> None:
+    """Create ``outdir`` if needed and prove it is writable; else a one-line error naming it."""
+    try:
+        if outdir.exists() and not outdir.is_dir():
+            raise AmbientInputError(f"--outdir {outdir}: exists and is not a directory")
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe = outdir / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise AmbientInputError(f"--outdir {outdir}: not writable ({why})") from None
+
+
+def sample_grid(denoiser, spec: SamplingSpec, shape, n: int, device, num_steps: int = 18) -> torch.Tensor:
+    """n samples from fixed seeds 0..n−1 (so grids of successive snapshots are comparable)."""
+    kwargs = dict(corruption=spec.corruption, data_survival=spec.data_survival) if spec.uses_masks else {}
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        return ambient_sample(denoiser, (n, *shape), list(range(n)), num_steps=num_steps, device=device,
+                              **kwargs).cpu()
+    finally:
+        denoiser.train(was_training)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 4) -> np.ndarray:
+    """Two square-ish grids of the same tile size, with a white gap between them."""
+    nrow = max(1, math.ceil(math.sqrt(left.shape[0])))
+    a, b = make_grid(left, nrow, padding=1), make_grid(right, nrow, padding=1)
+    h = max(a.shape[0], b.shape[0])
+    pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)))  # noqa: E731
+    sep = np.full((h, gap, a.shape[2]), 255, dtype=np.uint8)
+    return np.concatenate([pad(a), sep, pad(b)], axis=1)
+
+
+def write_grid_pair(path: Path, real: torch.Tensor, denoiser, spec: SamplingSpec, shape, device) -> None:
+    samples = sample_grid(denoiser, spec, shape, real.shape[0], device)
+    save_png(path, side_by_side(real, samples))
+
+
+class RunLogger:
+    """stats.jsonl per tick, TensorBoard scalars when tensorboard is installed, a tqdm bar."""
+
+    def __init__(self, outdir: Path, *, enabled: bool, progress: bool, total_nimg: int, start_nimg: int):
+        self.enabled = enabled
+        self.outdir = outdir
+        self.tb = None
+        self.bar = None
+        self._reset_tick(time.perf_counter(), start_nimg)
+        if not enabled:
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(outdir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_nimg / 1000, initial=start_nimg / 1000, unit="kimg", file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}{postfix}]")
+
+    def _reset_tick(self, now: float, nimg: int) -> None:
+        self.tick_start, self.tick_nimg = now, nimg
+        self.losses: list[float] = []
+
+    def step(self, *, loss: float, nimg: int, batch: int, skipped: int, lr: float, tick_nimg: float) -> None:
+        if not self.enabled:
+            return
+        self.losses.append(loss)
+        if self.bar is not None:
+            self.bar.update(batch / 1000)
+        if nimg - self.tick_nimg < tick_nimg:
+            return
+        now = time.perf_counter()
+        finite = [v for v in self.losses if math.isfinite(v)]
+        row = {"kimg": round(nimg / 1000, 4), "loss": float(np.mean(finite)) if finite else None,
+               "img_per_sec": (nimg - self.tick_nimg) / max(now - self.tick_start, 1e-9),
+               "skipped_steps": skipped, "lr": lr, "time": time.time()}
+        append_jsonl(self.outdir / "stats.jsonl", row)
+        if self.tb is not None:
+            for key in ("loss", "img_per_sec", "lr", "skipped_steps"):
+                if row[key] is not None:
+                    self.tb.add_scalar(f"train/{key}", row[key], nimg)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}" if row["loss"] is not None else "nan",
+                                 img_s=f"{row['img_per_sec']:.1f}")
+        self._reset_tick(now, nimg)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. writing a snapshot) out of the current tick's img/s."""
+        self.tick_start += seconds
+
+    def event(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif os.environ.get("AMBIENT_QUIET", "") in ("", "0"):
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -1,0 +1,276 @@
+"""The training loop: ambient (or naive) EDM training with EMA, snapshots and exact resume.
+
+Randomness is a pure function of (seed, step): the data order of each epoch, the flips, the
+further masks Ã, σ and the noise of step k come from generators seeded by ``mix_seed(seed, …,
+k)``, and every process draws them for the whole global batch, then keeps its own slice. So a
+run stopped and resumed from a snapshot ends with the same weights as an uninterrupted one, and
+a run on W processes with the same global batch sees the same images, masks and noise as on
+one (see :mod:`ambient.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ambient import distributed as dist_utils
+from ambient.checkpoint import (
+    atomic_write_json,
+    latest_snapshot,
+    load_snapshot,
+    load_state_dict_strict,
+    save_snapshot,
+    snapshot_name,
+)
+from ambient.config import RESUMABLE_CHANGES, TrainConfig
+from ambient.corruption import Corruption, mix_seed
+from ambient.data import ImageDataset, augment_batch, load_dataset
+from ambient.errors import AmbientInputError, TrainingDiverged
+from ambient.loss import AmbientLoss
+from ambient.model import ModelConfig, SamplingSpec, build_denoiser
+from ambient.outdir import RunLogger, check_writable, write_grid_pair
+
+_ORDER, _STEP, _INIT = 0x0DE7, 0x57E9, 0x1417
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nimg: int = 0
+    skipped: int = 0
+    consecutive_skipped: int = 0
+
+
+class EpochOrder:
+    """Global sample positions → dataset indices; each epoch a fresh permutation from (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mix_seed(_ORDER, self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for epoch in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            sel = pos // self.n == epoch
+            out[sel] = self._permutation(epoch)[pos[sel] % self.n]
+        return out
+
+
+def model_config_for(cfg: TrainConfig, data: ImageDataset) -> ModelConfig:
+    return ModelConfig(arch=cfg.arch, img_channels=data.channels, resolution=data.resolution,
+                       mask_channels=cfg.objective == "ambient", dropout=cfg.dropout,
+                       mask_aware=cfg.mask_aware)
+
+
+def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
+    if cfg.objective == "naive":  # a plain EDM network: no masks at sampling time
+        return SamplingSpec(Corruption())
+    data_survival = data.observed_share if data.has_data_masks else None
+    return SamplingSpec(cfg.corruption, data_survival)
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AmbientInputError(f"--device: unknown device {name!r}") from None
+
+
+def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
+    if cfg.resume:
+        p = Path(cfg.resume)
+        if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+            return p
+        snap = latest_snapshot(p) if p.is_dir() else None
+        if snap is None:
+            raise AmbientInputError(f"--resume {p}: no snapshot to resume from")
+        return snap
+    return latest_snapshot(outdir) if outdir.is_dir() else None
+
+
+def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:
+    old_shape, new_shape = saved.get("data", {}).get("shape"), run_config["data"]["shape"]
+    if old_shape is not None and list(old_shape) != list(new_shape):
+        raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
+                                f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
+    old = saved.get("train", {})
+    for key, new_value in cfg.to_dict().items():
+        if key in RESUMABLE_CHANGES or key not in old:
+            continue
+        if old[key] != new_value:
+            raise AmbientInputError(f"--{key.replace('_', '-')} is {new_value!r} but the run in {source} used "
+                                    f"{old[key]!r}; use the same value or another --outdir")
+
+
+def _ema_beta(cfg: TrainConfig, nimg: int, batch: int) -> float:
+    halflife = cfg.ema * 1000
+    if cfg.ema_rampup > 0:
+        halflife = min(halflife, nimg * cfg.ema_rampup)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
+    """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this."""
+    cfg.validate()
+    outdir = Path(cfg.outdir)
+    world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
+    if cfg.batch % world:
+        raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
+    env = dist_utils.init_from_env(cfg.device)
+    device = env.device if env.world_size > 1 else _pick_device(cfg.device)
+    data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
+                        corruption=cfg.corruption if cfg.objective == "ambient" else _naive_corruption(cfg),
+                        seed=cfg.seed)
+    model_cfg = model_config_for(cfg, data)
+    spec = sampling_spec_for(cfg, data)
+    run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
+                  "data": {"num_images": len(data), "shape": list(data.shape),
+                           "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
+    source = _resume_source(cfg, outdir)
+    if env.rank == 0:
+        check_writable(outdir)
+    state = TrainState()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(_INIT, cfg.seed))
+        net = build_denoiser(model_cfg)
+    net.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    if source is not None:
+        snap = load_snapshot(source, map_location=device)
+        _check_resume_compatible(cfg, snap.config, run_config, source)
+        load_state_dict_strict(net, snap.model, source / "model.safetensors")
+        load_state_dict_strict(ema, snap.ema if snap.ema is not None else snap.model, source / "ema.safetensors")
+        if snap.optimizer is not None:
+            opt.load_state_dict(snap.optimizer)
+        state = TrainState(**{k: int(snap.extra_state[k]) for k in vars(state) if k in snap.extra_state})
+        if env.rank == 0:
+            log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    model = dist_utils.wrap_ddp(net, env)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    logger = RunLogger(outdir, enabled=env.rank == 0, progress=progress, total_nimg=int(cfg.kimg * 1000),
+                       start_nimg=state.nimg)
+    if env.rank == 0:
+        atomic_write_json(outdir / "config.json", run_config)
+    loss_fn = AmbientLoss(sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize)
+    order = EpochOrder(len(data), cfg.seed)
+    total = int(round(cfg.kimg * 1000))
+    per_rank = cfg.batch // env.world_size
+    mine = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
+    next_snapshot = (math.floor(state.nimg / (cfg.snapshot_kimg * 1000)) + 1) * cfg.snapshot_kimg * 1000
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else contextlib.nullcontext())
+    grid_real = None
+    if env.rank == 0 and cfg.grid_samples:
+        grid_idx = torch.arange(min(cfg.grid_samples, len(data)))
+        grid_real, _ = data.batch(grid_idx)
+
+    def save(final: bool) -> None:
+        if env.rank != 0:
+            return
+        started = time.perf_counter()
+        snap_dir = save_snapshot(outdir / snapshot_name(state.step), config=run_config, model=net.state_dict(),
+                                 ema=ema.state_dict(), optimizer=opt.state_dict(), extra_state=vars(state).copy())
+        if cfg.grid_samples:
+            write_grid_pair(outdir / f"samples-{state.step:06d}.png", grid_real, ema, spec, data.shape, device)
+        logger.event(f"snapshot {snap_dir.name} at {state.nimg / 1000:.3f} kimg" + (" (final)" if final else ""))
+        logger.exclude(time.perf_counter() - started)
+
+    net.train()
+    steps_this_run = 0
+    while state.nimg < total:
+        idx = order.indices(state.nimg, cfg.batch)
+        y, mask = data.batch(idx)
+        g = torch.Generator(device).manual_seed(mix_seed(_STEP, cfg.seed, state.step))
+        y, mask = y.to(device), mask.to(device)
+        mask_hat = None
+        if cfg.objective == "ambient" and cfg.fixed_further:
+            mask_hat = data_further_fixed(cfg, data, idx, mask)
+        if cfg.augment > 0:
+            y, mask, mask_hat = augment_batch(y, mask, cfg.augment, g, extra=mask_hat)
+        if cfg.objective == "naive":
+            mask = torch.ones_like(mask)
+            mask_hat = mask
+        elif mask_hat is None:
+            mask_hat = cfg.corruption.further(mask, g)
+        sigma = loss_fn.sample_sigma(cfg.batch, g, device)
+        noise = torch.randn(y.shape, generator=g, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(mix_seed(_STEP, cfg.seed, state.step, env.rank))  # dropout, if any
+            with autocast:
+                per_image = loss_fn(model, y[mine], mask[mine], mask_hat[mine], sigma=sigma[mine], noise=noise[mine])
+            loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        norm_limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), norm_limit)
+        global_loss = float(dist_utils.mean_across(loss.detach(), env))  # ranks must agree on skipping
+        if not bool(torch.isfinite(grad_norm)) or not math.isfinite(global_loss):
+            state.skipped += 1
+            state.consecutive_skipped += 1
+            opt.zero_grad(set_to_none=True)
+            if state.consecutive_skipped >= cfg.max_nonfinite:
+                logger.close()
+                raise TrainingDiverged(f"training stopped at {state.nimg / 1000:.3f} kimg: "
+                                       f"{state.consecutive_skipped} consecutive steps had a non-finite loss or "
+                                       f"gradient (lower --lr, or check the data); last snapshot kept in {outdir}")
+        else:
+            state.consecutive_skipped = 0
+            lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            beta = _ema_beta(cfg, state.nimg + cfg.batch, cfg.batch)
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), net.parameters()):
+                    p_ema.lerp_(p.detach(), 1.0 - beta)
+        state.step += 1
+        state.nimg += cfg.batch
+        steps_this_run += 1
+        logger.step(loss=global_loss, nimg=state.nimg,
+                    batch=cfg.batch, skipped=state.skipped, lr=opt.param_groups[0]["lr"],
+                    tick_nimg=cfg.tick_kimg * 1000)
+        if state.nimg >= next_snapshot and state.nimg < total:
+            save(final=False)
+            next_snapshot += cfg.snapshot_kimg * 1000
+    if steps_this_run or source is None:
+        save(final=True)
+    logger.close()
+    dist_utils.barrier(env)
+    return outdir
+
+
+def _naive_corruption(cfg: TrainConfig) -> Corruption:
+    """Naive baseline: observe A ⊙ x0 (A drawn as for ambient) and train plain EDM on it."""
+    return Corruption(cfg.corruption_pattern, cfg.corruption_probability, 0.0, cfg.mask_full_rgb)
+
+
+def data_further_fixed(cfg: TrainConfig, data: ImageDataset, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The paper's variant: Ã fixed per image, a pure function of (seed, index)."""
+    return cfg.corruption.further_for_indices(cfg.seed, idx.tolist(), mask)
+
+
+def dry_run(cfg: TrainConfig) -> str:
+    """The resolved configuration as JSON, without loading data or writing anything."""
+    cfg.validate()
+    return json.dumps(cfg.to_dict(), indent=2)

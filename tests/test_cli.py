@@ -1,0 +1,184 @@
+"""CLI on tiny data: train → sample → resume, data with masks, and the bad-input catalogue."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ambient.cli import main
+from tests.helpers_data import blobs, write_folder, write_npz
+
+TINY = ["--arch", "tiny", "--batch", "8", "--snapshot-kimg", "0.016", "--tick-kimg", "0.008",
+        "--grid-samples", "4", "--no-progress"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def test_module_entry_point_prints_version():
+    out = subprocess.run([sys.executable, "-m", "ambient", "--version"], capture_output=True, text=True, check=True)
+    assert "ambient" in out.stdout
+
+
+def test_train_sample_resume(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(out), "--kimg", "0.016",
+                        "--corruption_probability", "0.5", "--delta-probability", "0.2", *TINY], capsys)
+    assert code == 0, err
+    assert (out / "snapshot-000002").is_dir() and (out / "samples-000002.png").is_file()
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(out), "--kimg", "0.032",
+                        "--corruption-probability", "0.5", "--delta-probability", "0.2", *TINY], capsys)
+    assert code == 0, err
+    assert "resuming" in err and (out / "snapshot-000004").is_dir()
+
+    npz = tmp_path / "samples.npz"
+    code, stdout, err = run(["sample", "--model", str(out), "--num", "3", "--out", str(npz), "--batch", "2",
+                             "--steps", "4"], capsys)
+    assert code == 0, err
+    images = np.load(npz)["images"]
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    assert (tmp_path / "samples_grid.png").is_file()
+    # a seed gives the same image whatever the batch size; PNG folder output
+    folder = tmp_path / "pngs"
+    code, _, err = run(["sample", "--model", str(out / "snapshot-000004"), "--num", "3", "--out", str(folder),
+                        "--batch", "3", "--steps", "4"], capsys)
+    assert code == 0, err
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 3
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[1])), images[1, ..., 0])
+    # num-masks and guidance run
+    code, _, err = run(["sample", "--model", str(out), "--num", "2", "--out", str(tmp_path / "g.npz"),
+                        "--steps", "3", "--num-masks", "2", "--guidance-scale", "0.1"], capsys)
+    assert code == 0, err
+
+
+def test_npz_with_masks(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    masks = (rng.random((24, 8, 8)) < 0.4).astype(np.uint8)
+    data = write_npz(tmp_path / "m.npz", masks=masks)
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(tmp_path / "r"), "--kimg", "0.016",
+                        *TINY], capsys)
+    assert code == 0, err
+
+
+def test_folder_with_masks(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", with_masks=True)
+    code, _, err = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--kimg", "0.016",
+                        "--delta-probability", "0.3", *TINY], capsys)
+    assert code == 0, err
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "dry"
+    code, stdout, _ = run(["train", "--data", "x.npz", "--outdir", str(out), "--dry-run"], capsys)
+    assert code == 0 and '"outdir"' in stdout and not out.exists()
+
+
+def _mixed_sizes(tmp_path):
+    root = write_folder(tmp_path / "mixed", n=3)
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(root / "002.png")
+    return root, "002.png"
+
+
+def _mixed_channels(tmp_path):
+    root = write_folder(tmp_path / "chan", n=3)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "001.png")
+    return root, "001.png"
+
+
+def _truncated(tmp_path):
+    root = write_folder(tmp_path / "trunc", n=3)
+    data = (root / "001.png").read_bytes()
+    (root / "001.png").write_bytes(data[: len(data) // 2])
+    return root, "001.png"
+
+
+def _bad_mask_values(tmp_path):
+    masks = np.full((24, 8, 8), 2, np.uint8)
+    return write_npz(tmp_path / "bm.npz", masks=masks), "bm.npz"
+
+
+def _bad_mask_shape(tmp_path):
+    masks = np.ones((24, 7, 8), np.uint8)
+    return write_npz(tmp_path / "bs.npz", masks=masks), "bs.npz"
+
+
+def _no_images_key(tmp_path):
+    np.savez(tmp_path / "noimg.npz", pictures=blobs(4))
+    return tmp_path / "noimg.npz", "images"
+
+
+def _empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty", "empty"
+
+
+def _not_images(tmp_path):
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("hello")
+    return tmp_path / "txt", "txt"
+
+
+@pytest.mark.parametrize("make", [_mixed_sizes, _mixed_channels, _truncated, _bad_mask_values, _bad_mask_shape,
+                                  _no_images_key, _empty_folder, _not_images])
+def test_bad_data_is_one_line_exit_2_nothing_written(tmp_path, capsys, make):
+    data, needle = make(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(out), "--kimg", "0.016", *TINY], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--corruption-probability", "1.0", "--corruption-probability"),
+    ("--corruption-probability", "-0.1", "--corruption-probability"),
+    ("--delta-probability", "1.0", "--delta-probability"),
+    ("--batch", "0", "--batch"),
+    ("--arch", "huge", "--arch"),
+])
+def test_bad_flags(tmp_path, capsys, flag, value, needle):
+    data = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(out), flag, value, "--no-progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_missing_data_path(tmp_path, capsys):
+    code, _, err = run(["train", "--data", str(tmp_path / "nope.npz"), "--outdir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "nope.npz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_outdir(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(blocker), *TINY], capsys)
+    assert code == 2 and "--outdir" in err and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
+
+
+def test_resume_on_empty_folder_and_sampling_a_non_model(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(tmp_path / "o"), "--resume",
+                        str(tmp_path / "empty"), *TINY], capsys)
+    assert code == 2 and "--resume" in err
+    code, _, err = run(["sample", "--model", str(tmp_path / "empty"), "--num", "2", "--out",
+                        str(tmp_path / "s.npz")], capsys)
+    assert code == 2 and "--model" in err and not (tmp_path / "s.npz").exists()
+
+
+def test_guidance_needs_two_masks(tmp_path, capsys):
+    code, _, err = run(["sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "s.npz"),
+                        "--guidance-scale", "1"], capsys)
+    assert code == 2 and "--guidance-scale" in err and len(err.strip().splitlines()) == 1
