@@ -26,13 +26,12 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
                  num_masks: int = 1, guidance_scale: float = 0.0, solver: str = "heun", clip: str = "none",
                  churn: float = 0.0, device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
     """Images in [-1, 1], (len(seeds), C, H, W), one per seed, with the model's own mask law."""
-    cfg = loaded.model
     spec = loaded.sampling
     kwargs = dict(corruption=spec.corruption, data_survival=spec.data_survival) if spec.uses_masks else {}
     sigmas = getattr(loaded.denoiser, "sampling_sigmas", None)
     if sigmas is not None:
         kwargs["sigmas"] = sigmas(num_steps)
-    shape = (cfg.img_channels, cfg.resolution, cfg.resolution)
+    shape = loaded.image_shape
     chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
     out = []
     iterator = chunks

@@ -87,14 +87,39 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 @dataclass
 class LoadedModel:
     denoiser: torch.nn.Module
-    model: ModelConfig
+    model: ModelConfig | None  # None for finetuned diffusers models
     sampling: SamplingSpec
     config: dict
     path: Path
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+
+
+def _is_finetune_export(p: Path) -> bool:
+    import json
+
+    try:
+        return p.is_dir() and json.loads((p / "config.json").read_text()).get("kind") == "finetune"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_finetuned(p: Path, device) -> LoadedModel:
+    from ambient.finetune import load_finetuned
+
+    den = load_finetuned(p, device=device)
+    cfg = __import__("json").loads((p / "config.json").read_text())
+    spec = SamplingSpec.from_dict(cfg["sampling"])
+    return LoadedModel(den, None, spec, cfg, p, tuple(int(v) for v in cfg["model"]["image_shape"]))
 
 
 def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a trained denoiser (EMA weights unless ``use_ema=False``) in eval mode."""
+    """Load a trained denoiser (EMA weights unless ``use_ema=False``) in eval mode.
+
+    ``path`` is a training outdir, a snapshot, or the output folder of ``ambient finetune``
+    (a diffusers model; its exported weights are used as they are).
+    """
+    if _is_finetune_export(Path(path)):
+        return _load_finetuned(Path(path), device)
     snap_dir = resolve_model_dir(path)
     snap = load_snapshot(snap_dir, map_location="cpu")
     cfg = snap.config
@@ -111,4 +136,5 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | t
     load_state_dict_strict(den, weights, snap_dir / ("ema.safetensors" if use_ema and snap.ema else
                                                      "model.safetensors"))
     den.to(device).eval().requires_grad_(False)
-    return LoadedModel(den, model_cfg, spec, cfg, snap_dir)
+    shape = (model_cfg.img_channels, model_cfg.resolution, model_cfg.resolution)
+    return LoadedModel(den, model_cfg, spec, cfg, snap_dir, shape)

@@ -1,0 +1,220 @@
+"""The finetuning loop: ambient loss, gradient accumulation, EMA, snapshots, resume, export.
+
+Layout of ``outdir``: ``snapshot-<step>/`` (:mod:`ambient.checkpoint`: UNet weights, EMA,
+optimizer, the UNet/scheduler configs and the fixed embedding, so a resume needs no access to
+the pretrained model), ``stats.jsonl`` (one line per ``log_every`` steps),
+``finetune_options.json`` (the resolved options), and at the end the exported diffusers folder
+(:func:`ambient.finetune.inference.export_finetuned`: ``unet/``, ``scheduler/``, ``config.json``).
+
+Randomness is a pure function of (seed, step): image order is a permutation per epoch seeded
+by (seed, epoch), and the further masks, timesteps, noise and flips of micro-batch m of step s
+come from a generator seeded by (seed, s, m). A resumed run therefore continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ambient.checkpoint import (
+    append_jsonl,
+    atomic_write_json,
+    latest_snapshot,
+    load_snapshot,
+    load_state_dict_strict,
+    save_snapshot,
+    snapshot_name,
+)
+from ambient.corruption import mix_seed
+from ambient.data import ImageDataset, augment_batch, load_dataset
+from ambient.errors import AmbientInputError
+from ambient.finetune.config import IDENTITY_KEYS, FinetuneConfig
+from ambient.finetune.inference import export_finetuned
+from ambient.finetune.objective import FinetuneLoss, alphas_cumprod
+from ambient.finetune.pretrained import (
+    MaskedUNet,
+    add_mask_channels,
+    image_channels,
+    load_pretrained,
+    unet_class,
+)
+
+_ORDER_STREAM, _STEP_STREAM = 0x0DE7, 0x57E9
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AmbientInputError(f"--device {device!r}: not a torch device") from None
+
+
+def load_data(config: FinetuneConfig) -> ImageDataset:
+    """The finetuning images with their masks A (drawn per index, or from the data)."""
+    corr = config.corruption()
+    ds = load_dataset(config.data, data_dir=config.data_dir, max_size=config.max_size,
+                      resolution=config.resolution, corruption=corr if corr.p > 0 else None, seed=config.seed)
+    if ds.has_data_masks:
+        if corr.p > 0:
+            raise AmbientInputError(f"--corruption-probability {corr.p}: the data {config.data} comes with "
+                                    "masks; leave it at 0")
+        ds.corruption = corr  # kept for δ only; never draws A
+    return ds
+
+
+def build_model(config: FinetuneConfig, flag: str = "--pretrained"):
+    """(MaskedUNet, scheduler) from the pretrained model, mask channels added if asked."""
+    pre = load_pretrained(config.pretrained, flag=flag)
+    channels = image_channels(pre.unet)
+    if config.mask_mode == "channels":
+        add_mask_channels(pre.unet, channels)
+    return MaskedUNet(pre.unet, channels, config.mask_mode, pre.embedding), pre.scheduler
+
+
+def _rebuild(snap) -> tuple[MaskedUNet, object]:
+    from diffusers import DDPMScheduler
+
+    cfg = snap.config
+    unet = unet_class(cfg["unet_class"]).from_config(cfg["unet_config"])
+    load_state_dict_strict(unet, snap.model, snap.path / "model.safetensors")
+    emb = snap.extra_state.get("embedding")
+    net = MaskedUNet(unet, int(cfg["img_channels"]), cfg["finetune"]["mask_mode"], emb)
+    return net, DDPMScheduler.from_config(cfg["scheduler_config"])
+
+
+def _check_fit(net: MaskedUNet, ds: ImageDataset, config: FinetuneConfig) -> None:
+    if ds.channels != net.img_channels:
+        raise AmbientInputError(f"--data {config.data}: images have {ds.channels} channels but the model "
+                                f"{config.pretrained} takes {net.img_channels}")
+    m = net.multiple
+    if ds.height % m or ds.width % m:
+        raise AmbientInputError(f"--data {config.data}: images are {ds.height}x{ds.width}, but the UNet "
+                                f"needs sides divisible by {m} (use --resolution)")
+
+
+class _Order:
+    """Image index sequence: a fresh permutation per epoch, a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def take(self, start: int, count: int) -> list[int]:
+        out = []
+        for k in range(start, start + count):
+            epoch, pos = divmod(k, self.n)
+            if epoch not in self._cache:
+                self._cache = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                    mix_seed(_ORDER_STREAM, self.seed, epoch)))}
+            out.append(int(self._cache[epoch][pos]))
+        return out
+
+
+def _model_section(net: MaskedUNet, scheduler, config: FinetuneConfig, ds: ImageDataset, step: int) -> dict:
+    return {"unet_class": type(net.unet).__name__, "img_channels": net.img_channels,
+            "mask_mode": net.mask_mode, "hidden_x0": config.hidden_x0,
+            "prediction_type": str(scheduler.config.prediction_type), "timestep_mode": config.timestep_mode,
+            "image_shape": list(ds.shape), "weights": "ema" if config.ema > 0 else "raw", "step": step}
+
+
+def _sampling_section(config: FinetuneConfig, ds: ImageDataset) -> dict:
+    return {"corruption": config.corruption().to_dict(),
+            "data_survival": ds.observed_share if ds.has_data_masks else None}
+
+
+def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Run (or resume) a finetuning run; returns ``outdir`` holding the exported model."""
+    config.validate()
+    log = log or (lambda _msg: None)
+    outdir = Path(config.outdir)
+    device = resolve_device(config.device)
+    ds = load_data(config)
+    snap_dir = latest_snapshot(outdir) if config.resume else None
+    if snap_dir is not None:
+        snap = load_snapshot(snap_dir)
+        old = snap.config.get("finetune", {})
+        diff = [k for k in IDENTITY_KEYS if old.get(k) != getattr(config, k)]
+        if diff:
+            raise AmbientInputError(f"--outdir {outdir}: holds a run with different {', '.join(diff)}; "
+                                    "use a new --outdir or --no-resume")
+        net, scheduler = _rebuild(snap)
+        start = int(snap.extra_state["step"])
+        log(f"resuming from {snap_dir} (step {start})")
+    else:
+        net, scheduler = build_model(config)
+        snap, start = None, 0
+    _check_fit(net, ds, config)
+    net.to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if config.ema > 0 else None
+    opt = torch.optim.AdamW(net.unet.parameters(), lr=config.lr, weight_decay=0.0)
+    if snap is not None:
+        if ema is not None and snap.ema is not None:
+            load_state_dict_strict(ema.unet, snap.ema, snap.path / "ema.safetensors")
+        if snap.optimizer is not None:
+            opt.load_state_dict(snap.optimizer)
+            for group in opt.param_groups:
+                group["lr"] = config.lr
+    loss_fn = FinetuneLoss(alphas_cumprod(scheduler), str(scheduler.config.prediction_type), config.hidden_x0,
+                           config.loss_weight, config.snr_gamma)
+    corr, order = config.corruption(), _Order(len(ds), config.seed)
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(outdir / "finetune_options.json", config.to_dict())
+    snap_config = {"kind": "finetune-snapshot", "finetune": config.to_dict(),
+                   "unet_class": type(net.unet).__name__, "unet_config": dict(net.unet.config),
+                   "scheduler_config": dict(scheduler.config), "img_channels": net.img_channels,
+                   "sampling": _sampling_section(config, ds)}
+
+    def snapshot(step: int) -> None:
+        extra = {"step": step}
+        if net.embedding is not None:
+            extra["embedding"] = net.embedding.detach().cpu()
+        save_snapshot(outdir / snapshot_name(step), config=snap_config, model=net.unet.state_dict(),
+                      ema=None if ema is None else ema.unet.state_dict(), optimizer=opt.state_dict(),
+                      extra_state=extra)
+
+    per_step = config.batch * config.grad_accum
+    losses, t_log = [], time.perf_counter()
+    for step in range(start + 1, config.steps + 1):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(config.grad_accum):
+            g = torch.Generator().manual_seed(mix_seed(_STEP_STREAM, config.seed, step, micro))
+            idx = order.take((step - 1) * per_step + micro * config.batch, config.batch)
+            y, mask = ds.batch(idx)
+            mask_hat = corr.further(mask, generator=g)
+            y, mask, mask_hat = augment_batch(y, mask, config.xflip, generator=g, extra=mask_hat)
+            loss = loss_fn(net, y.to(device), mask.to(device), mask_hat.to(device), g).mean()
+            (loss / config.grad_accum).backward()
+            total += float(loss.detach()) / config.grad_accum
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.unet.parameters(), config.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.unet.parameters(), net.unet.parameters()):
+                    pe.lerp_(p.detach(), 1.0 - config.ema)
+        losses.append(total)
+        if step % config.log_every == 0 or step == config.steps:
+            now = time.perf_counter()
+            row = {"step": step, "loss": sum(losses) / len(losses), "lr": config.lr,
+                   "images_seen": step * per_step, "sec_per_step": (now - t_log) / len(losses),
+                   "time": time.time()}
+            append_jsonl(outdir / "stats.jsonl", row)
+            log(f"step {step}/{config.steps} loss {row['loss']:.5f} ({row['sec_per_step']:.3f} s/step)")
+            losses, t_log = [], now
+        if step % config.snapshot_every == 0 or step == config.steps:
+            snapshot(step)
+    final = config.steps if config.steps > start else start
+    if ema is not None:  # buffers (none in these UNets) follow the raw model
+        for be, b in zip(ema.unet.buffers(), net.unet.buffers()):
+            be.copy_(b)
+    export_finetuned(outdir, (ema if ema is not None else net).cpu(), scheduler, {
+        "model": _model_section(net, scheduler, config, ds, final), "sampling": _sampling_section(config, ds),
+        "finetune": config.to_dict()})
+    log(f"exported {outdir} (step {final})")
+    return outdir

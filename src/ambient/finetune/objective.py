@@ -1,0 +1,144 @@
+"""The ambient objective written through a pretrained model's own parameterisation.
+
+DDPM notation: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at discrete timesteps t = 0..T−1. The network
+predicts ε, v = √ᾱ ε − √(1−ᾱ) x0, or x0 itself (``prediction_type``), and its clean-image
+estimate is
+
+    epsilon:       x̂0 = (x_t − √(1−ᾱ) ε̂) / √ᾱ
+    v_prediction:  x̂0 = √ᾱ x_t − √(1−ᾱ) v̂
+    sample:        x̂0 = output.
+
+Ambient training step, for observations y = A ⊙ x0 and a further mask Ã ⊆ A (fresh per step):
+t ~ U{0, …, T−1}, x_t = √ᾱ y + √(1−ᾱ) ε, network input Ã ⊙ x_t (plus Ã as channels when the
+model has them), and
+
+    loss = Σ A ⊙ (x̂0 − y)² / Σ A        (mean over the pixels observed under A),
+
+so nothing unobserved enters the loss, as in :class:`ambient.loss.AmbientLoss`, times a weight
+w(t) per image. With A = Ã = 1 it is vanilla finetuning in x0 space.
+
+Weighting over t (``weighting``). An x0 error is the ε error times σ = √((1−ᾱ)/ᾱ), so a plain
+x0 loss with uniform t (``"x0"``, w = 1, the seed's choice) is dominated by the noisiest
+timesteps (σ ≈ 150 at t = T−1 of a linear 1000-step schedule) and gives the low-noise end next
+to nothing; in vanilla finetuning of an ε-model its loss starts orders of magnitude above the
+pretrained model's own. ``"min-snr"`` (default) uses w = min(SNR, γ) with SNR = ᾱ/(1−ᾱ) = 1/σ²
+(Min-SNR-γ, Hang et al. 2023): the model's own ε loss at high noise, and a bounded weight at low
+noise, where the error at hidden pixels does not vanish and an ε-like weight 1/σ² would explode.
+
+Hidden pixels (Ã = 0). There x_t is zeroed, so the formulas give x̂0 = −σ ε̂ (ε) or
+−√(1−ᾱ) v̂ (v), with σ = √((1−ᾱ)/ᾱ): at small noise the network would need outputs of order
+1/σ to put a value of order 1 there. ``hidden_x0="direct"`` (default, the seed's rule) reads the
+raw output as x̂0 at hidden pixels instead; ``"formula"`` keeps the parameterisation everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ambient.corruption import check_mask
+
+HIDDEN_X0 = ("direct", "formula")
+WEIGHTINGS = ("min-snr", "x0")
+
+
+def alphas_cumprod(scheduler) -> torch.Tensor:
+    """ᾱ_t of a DDPM scheduler as float64 (T,), clamped to [1e-12, 1]."""
+    return torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp(1e-12, 1.0)
+
+
+def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """EDM noise level of a DDPM noise level: σ = √((1−ᾱ)/ᾱ) (so x_t = (x0 + σn)/√(1+σ²))."""
+    return ((1.0 - alpha_bar) / alpha_bar).sqrt()
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """ᾱ = 1/(1+σ²), the inverse of :func:`sigma_from_alpha_bar`."""
+    return 1.0 / (1.0 + sigma**2)
+
+
+def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str,
+                   mask: torch.Tensor | None = None, hidden_x0: str = "direct") -> torch.Tensor:
+    """Clean-image estimate from a raw network output (see the module doc).
+
+    ``alpha_bar`` is broadcastable to the image ((N, 1, 1, 1) or a scalar); ``x_t`` is the
+    network's (masked) input; with ``mask`` given and ``hidden_x0="direct"``, pixels where
+    mask = 0 take the raw output.
+    """
+    if hidden_x0 not in HIDDEN_X0:
+        raise ValueError(f"hidden_x0 must be one of {HIDDEN_X0}, got {hidden_x0!r}")
+    a = torch.as_tensor(alpha_bar, dtype=output.dtype, device=output.device)
+    if prediction_type == "epsilon":
+        x0 = (x_t - (1.0 - a).sqrt() * output) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * x_t - (1.0 - a).sqrt() * output
+    elif prediction_type == "sample":
+        x0 = output
+    else:
+        raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {prediction_type!r}")
+    if mask is not None and hidden_x0 == "direct":
+        x0 = torch.where(mask > 0, x0, output)
+    return x0
+
+
+class FinetuneLoss:
+    """``loss(net, y, mask, mask_hat, generator=None) -> (N,)`` per-image ambient losses.
+
+    ``net`` is called as ``net(x_in, timesteps, mask_hat)`` with x_in = Ã ⊙ x_t and returns the
+    raw prediction (see :class:`ambient.finetune.pretrained.MaskedUNet`). ``timesteps`` and
+    ``noise`` may be passed to fix the randomness (tests, evaluation).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, hidden_x0: str = "direct",
+                 weighting: str = "min-snr", snr_gamma: float = 5.0):
+        if hidden_x0 not in HIDDEN_X0:
+            raise ValueError(f"hidden_x0 must be one of {HIDDEN_X0}, got {hidden_x0!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
+        self.weighting, self.snr_gamma = weighting, float(snr_gamma)
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if self.alphas_cumprod.ndim != 1 or self.alphas_cumprod.numel() < 1:
+            raise ValueError("alphas_cumprod must be a non-empty 1-D tensor")
+        self.prediction_type = prediction_type
+        self.hidden_x0 = hidden_x0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    def weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """w(t) per image (float64): 1 for ``x0``, min(SNR_t, γ) for ``min-snr``."""
+        a = self.alphas_cumprod[timesteps]
+        if self.weighting == "x0":
+            return torch.ones_like(a)
+        return (a / (1.0 - a).clamp_min(1e-12)).clamp(max=self.snr_gamma)
+
+    def __call__(self, net: Callable, y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor,
+                 generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        if y.ndim != 4:
+            raise ValueError(f"y must be (N, C, H, W), got {tuple(y.shape)}")
+        check_mask(mask, y, "mask")
+        check_mask(mask_hat, y, "mask_hat")
+        if bool((mask_hat > mask).any()):
+            raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
+        n = y.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_timesteps, (n,), generator=generator,
+                                      device=generator.device if generator is not None else "cpu")
+        timesteps = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1).expand(n).cpu()
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator,
+                                device=generator.device if generator is not None else "cpu")
+        noise = noise.to(y.device, y.dtype)
+        a = self.alphas_cumprod[timesteps].to(y.device, y.dtype).reshape(n, 1, 1, 1)
+        y = torch.where(mask > 0, y, torch.zeros_like(y))  # values where A = 0 are never used
+        x_in = mask_hat * (a.sqrt() * y + (1.0 - a).sqrt() * noise)
+        out = net(x_in, timesteps.to(y.device), mask_hat)
+        x0 = x0_from_output(out.to(y.dtype), x_in, a, self.prediction_type, mask_hat, self.hidden_x0)
+        err = (mask * (x0 - y)) ** 2
+        per_image = err.flatten(1).sum(dim=1) / mask.flatten(1).sum(dim=1).clamp_min(1.0)
+        return self.weight(timesteps).to(y.device, y.dtype) * per_image
