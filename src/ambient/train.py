@@ -164,9 +164,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
             log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
+    if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)
+        dist_utils.compile_regions(net)
     model = dist_utils.wrap_ddp(net, env)
-    if cfg.compile:
-        model = torch.compile(model)
 
     logger = RunLogger(outdir, enabled=env.rank == 0, progress=progress, total_nimg=int(cfg.kimg * 1000),
                        start_nimg=state.nimg)
