@@ -114,3 +114,17 @@ def test_npz_and_folder_writers_read_back(tmp_path):
     assert torch.equal(load_images(str(tmp_path / "out")), imgs)
     with pytest.raises(ValueError):
         save_images_npz(tmp_path / "y.npz", imgs, masks * 2)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    import numpy as np
+
+    from ambient.images import save_png
+
+    path = save_png(tmp_path / "a.png", np.zeros((4, 4, 1), np.uint8))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
