@@ -121,3 +121,13 @@ def compile_regions(module: torch.nn.Module) -> torch.nn.Module:
         if block is not None:
             block.compile()
     return module
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """``auto`` → cuda if available else cpu; otherwise the named torch device (one-line error if unknown)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise AmbientInputError(f"{flag} {name!r}: not a torch device") from None

@@ -22,6 +22,16 @@ from ambient.corruption import check_mask
 NORMALIZATIONS = ("mean", "sum")
 
 
+def check_loss_inputs(y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor) -> None:
+    """ValueError unless y is (N, C, H, W) and mask ⊇ mask_hat are {0, 1} masks of its shape."""
+    if y.ndim != 4:
+        raise ValueError(f"y must be (N, C, H, W), got {tuple(y.shape)}")
+    check_mask(mask, y, "mask")
+    check_mask(mask_hat, y, "mask_hat")
+    if bool((mask_hat > mask).any()):
+        raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
+
+
 class AmbientLoss:
     """Callable ``loss(denoiser, y, mask, mask_hat, generator=None) -> (N,)`` per-image losses.
 
@@ -51,12 +61,7 @@ class AmbientLoss:
     def __call__(self, denoiser: Callable, y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor,
                  generator: torch.Generator | None = None, *, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
-        if y.ndim != 4:
-            raise ValueError(f"y must be (N, C, H, W), got {tuple(y.shape)}")
-        check_mask(mask, y, "mask")
-        check_mask(mask_hat, y, "mask_hat")
-        if bool((mask_hat > mask).any()):
-            raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
+        check_loss_inputs(y, mask, mask_hat)
         n = y.shape[0]
         if sigma is None:
             sigma = self.sample_sigma(n, generator, y.device)

@@ -83,15 +83,6 @@ def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
     return SamplingSpec(cfg.corruption, data_survival)
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise AmbientInputError(f"--device: unknown device {name!r}") from None
-
-
 def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
     if cfg.resume:
         p = Path(cfg.resume)
@@ -133,7 +124,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     if cfg.batch % world:
         raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
     env = dist_utils.init_from_env(cfg.device)
-    device = env.device if env.world_size > 1 else _pick_device(cfg.device)
+    device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
     data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
                         corruption=cfg.corruption if cfg.objective == "ambient" else _naive_corruption(cfg),
                         seed=cfg.seed)

@@ -31,6 +31,7 @@ from ambient.checkpoint import (
 )
 from ambient.corruption import mix_seed
 from ambient.data import ImageDataset, augment_batch, load_dataset
+from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import IDENTITY_KEYS, FinetuneConfig
 from ambient.finetune.inference import export_finetuned
@@ -44,15 +45,6 @@ from ambient.finetune.pretrained import (
 )
 
 _ORDER_STREAM, _STEP_STREAM = 0x0DE7, 0x57E9
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AmbientInputError(f"--device {device!r}: not a torch device") from None
 
 
 def load_data(config: FinetuneConfig) -> ImageDataset:

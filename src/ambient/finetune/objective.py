@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from ambient.corruption import check_mask
+from ambient.loss import check_loss_inputs
 
 HIDDEN_X0 = ("direct", "formula")
 WEIGHTINGS = ("min-snr", "x0")
@@ -119,12 +119,7 @@ class FinetuneLoss:
     def __call__(self, net: Callable, y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor,
                  generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
-        if y.ndim != 4:
-            raise ValueError(f"y must be (N, C, H, W), got {tuple(y.shape)}")
-        check_mask(mask, y, "mask")
-        check_mask(mask_hat, y, "mask_hat")
-        if bool((mask_hat > mask).any()):
-            raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
+        check_loss_inputs(y, mask, mask_hat)
         n = y.shape[0]
         if timesteps is None:
             timesteps = torch.randint(0, self.num_timesteps, (n,), generator=generator,
