@@ -54,7 +54,12 @@ def runs(tmp_path_factory):
     """A 1-process reference run (5 steps, snapshots at steps 2, 4, 5) and a fresh 2-process run (3 steps)."""
     root = tmp_path_factory.mktemp("ddp")
     npz = str(write_npz(root / "tiny.npz", n=24))
-    train(TrainConfig(data=npz, outdir=str(root / "single"), kimg=0.04, **FLAGS), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order as the 1-thread torchrun workers
+    try:
+        train(TrainConfig(data=npz, outdir=str(root / "single"), kimg=0.04, **FLAGS), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     proc = torchrun(["train", *train_flags(data=npz, outdir=root / "ddp", kimg=0.024, **FLAGS)], cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, npz
