@@ -17,6 +17,14 @@ from ambient.loss import NORMALIZATIONS
 OBJECTIVES = ("ambient", "naive")
 PRECISIONS = ("fp32", "bf16")
 
+def dataclass_from_dict(cls, d: dict, what: str):
+    """``cls(**d)`` for a config dataclass, refusing keys it does not know (one line naming them)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise AmbientInputError(f"{what} config has unknown keys: {', '.join(unknown)}")
+    return cls(**d)
+
+
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = frozenset({"kimg", "snapshot_kimg", "tick_kimg", "grid_samples", "outdir", "resume",
                                "device", "max_nonfinite", "compile"})
@@ -65,11 +73,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise AmbientInputError(f"training config has unknown keys: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training")
 
     @property
     def corruption(self) -> Corruption:

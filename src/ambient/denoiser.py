@@ -18,6 +18,21 @@ import torch
 from torch import nn
 
 
+def check_denoiser_inputs(x: torch.Tensor, sigma, mask: torch.Tensor | None, img_channels: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Validate a denoiser call ``D(x, sigma, mask)``; return sigma as an (N,) tensor of ``dtype``."""
+    if x.ndim != 4 or x.shape[1] != img_channels:
+        raise ValueError(f"x must be (N, {img_channels}, H, W), got {tuple(x.shape)}")
+    if mask is not None and mask.shape != x.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(x.shape)}")
+    n = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).reshape(-1)
+    sigma = sigma.expand(n) if sigma.numel() == 1 else sigma
+    if sigma.numel() != n:
+        raise ValueError(f"sigma must be a scalar or have one value per image ({n}), got {sigma.numel()}")
+    return sigma
+
+
 class Denoiser(nn.Module):
     """EDM-preconditioned denoiser ``D(x, sigma, mask=None)``.
 
@@ -55,15 +70,8 @@ class Denoiser(nn.Module):
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.img_channels:
-            raise ValueError(f"x must be (N, {self.img_channels}, H, W), got {tuple(x.shape)}")
-        if mask is not None and mask.shape != x.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(x.shape)}")
+        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, torch.float32)
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(n) if sigma.numel() == 1 else sigma
-        if sigma.numel() != n:
-            raise ValueError(f"sigma must be a scalar or have one value per image ({n}), got {sigma.numel()}")
         s = sigma.reshape(n, 1, 1, 1)
         x = x.to(torch.float32)
         if mask is not None:

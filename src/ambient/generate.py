@@ -19,7 +19,7 @@ from ambient import distributed as dist_utils
 from ambient.errors import AmbientInputError
 from ambient.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
 from ambient.model import LoadedModel
-from ambient.sampling import sample_in_batches
+from ambient.sampling import iter_sample_batches
 
 
 def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_steps: int = 18,
@@ -27,22 +27,19 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
                  churn: float = 0.0, device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
     """Images in [-1, 1], (len(seeds), C, H, W), one per seed, with the model's own mask law."""
     spec = loaded.sampling
-    kwargs = dict(corruption=spec.corruption, data_survival=spec.data_survival) if spec.uses_masks else {}
+    kwargs = spec.sampler_kwargs()
     sigmas = getattr(loaded.denoiser, "sampling_sigmas", None)
     if sigmas is not None:
         kwargs["sigmas"] = sigmas(num_steps)
     shape = loaded.image_shape
-    chunks = [seeds[i:i + batch] for i in range(0, len(seeds), batch)]
-    out = []
-    iterator = chunks
+    batches = iter_sample_batches(loaded.denoiser, len(seeds), seeds, batch, image_shape=shape,
+                                  num_steps=num_steps, num_masks=num_masks, guidance_scale=guidance_scale,
+                                  solver=solver, clip=clip, churn=churn, device=device, **kwargs)
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(chunks, unit="batch", desc="sampling")
-    for chunk in iterator:
-        out.append(sample_in_batches(loaded.denoiser, len(chunk), chunk, batch, image_shape=shape,
-                                     num_steps=num_steps, num_masks=num_masks, guidance_scale=guidance_scale,
-                                     solver=solver, clip=clip, churn=churn, device=device, **kwargs))
+        batches = tqdm(batches, total=-(-len(seeds) // batch), unit="batch", desc="sampling")
+    out = [images.cpu() for _, images in batches]
     return torch.cat(out) if out else torch.empty((0, *shape))
 
 

@@ -9,13 +9,14 @@ EMA weights by default. A training outdir resolves to its latest snapshot.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ambient.backbones import BackboneConfig, UNetBackbone
 from ambient.checkpoint import latest_snapshot, load_snapshot, load_state_dict_strict
+from ambient.config import dataclass_from_dict
 from ambient.corruption import Corruption
 from ambient.denoiser import Denoiser
 from ambient.errors import AmbientInputError
@@ -38,11 +39,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise AmbientInputError(f"model config has unknown keys {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "model")
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,12 @@ class SamplingSpec:
 
     corruption: Corruption
     data_survival: float | None = None  # A came with the data: its measured observed share
+
+    def sampler_kwargs(self) -> dict:
+        """Keyword arguments of :func:`ambient.sampling.ambient_sample` that reproduce the mask law."""
+        if not self.uses_masks:
+            return {}
+        return {"corruption": self.corruption, "data_survival": self.data_survival}
 
     @property
     def uses_masks(self) -> bool:

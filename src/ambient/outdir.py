@@ -38,7 +38,7 @@ def check_writable(outdir: Path) -> None:
 
 def sample_grid(denoiser, spec: SamplingSpec, shape, n: int, device, num_steps: int = 18) -> torch.Tensor:
     """n samples from fixed seeds 0..n−1 (so grids of successive snapshots are comparable)."""
-    kwargs = dict(corruption=spec.corruption, data_survival=spec.data_survival) if spec.uses_masks else {}
+    kwargs = spec.sampler_kwargs()
     was_training = denoiser.training
     denoiser.eval()
     try:

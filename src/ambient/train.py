@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         y, mask = y.to(device), mask.to(device)
         mask_hat = None
         if cfg.objective == "ambient" and cfg.fixed_further:
-            mask_hat = data_further_fixed(cfg, data, idx, mask)
+            mask_hat = cfg.corruption.further_for_indices(cfg.seed, idx.tolist(), mask)  # the paper's fixed Ã
         if cfg.augment > 0:
             y, mask, mask_hat = augment_batch(y, mask, cfg.augment, g, extra=mask_hat)
         if cfg.objective == "naive":
@@ -254,11 +254,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
 def _naive_corruption(cfg: TrainConfig) -> Corruption:
     """Naive baseline: observe A ⊙ x0 (A drawn as for ambient) and train plain EDM on it."""
     return Corruption(cfg.corruption_pattern, cfg.corruption_probability, 0.0, cfg.mask_full_rgb)
-
-
-def data_further_fixed(cfg: TrainConfig, data: ImageDataset, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The paper's variant: Ã fixed per image, a pure function of (seed, index)."""
-    return cfg.corruption.further_for_indices(cfg.seed, idx.tolist(), mask)
 
 
 def dry_run(cfg: TrainConfig) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
+from ambient.config import dataclass_from_dict
 from ambient.corruption import PATTERNS, Corruption
 from ambient.errors import AmbientInputError
 from ambient.finetune.objective import HIDDEN_X0, WEIGHTINGS
@@ -59,11 +60,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise AmbientInputError(f"finetune config has unknown keys {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "finetune")
 
     def corruption(self) -> Corruption:
         return Corruption(self.corruption_pattern, self.corruption_probability, self.delta_probability,

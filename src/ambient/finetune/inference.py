@@ -32,6 +32,7 @@ from torch import nn
 from ambient import __version__
 from ambient.checkpoint import atomic_write_json
 from ambient.corruption import Corruption
+from ambient.denoiser import check_denoiser_inputs
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import TIMESTEP_MODES
 from ambient.finetune.objective import (
@@ -130,15 +131,8 @@ class FinetunedDenoiser(nn.Module):
         return torch.cat([sigmas, sigmas.new_zeros(1)])
 
     def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.img_channels:
-            raise ValueError(f"x must be (N, {self.img_channels}, H, W), got {tuple(x.shape)}")
-        if mask is not None and mask.shape != x.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(x.shape)}")
+        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, torch.float64)
         n = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
-        sigma = sigma.expand(n) if sigma.numel() == 1 else sigma
-        if sigma.numel() != n:
-            raise ValueError(f"sigma must be a scalar or have one value per image ({n}), got {sigma.numel()}")
         a = alpha_bar_from_sigma(sigma).reshape(n, 1, 1, 1).to(torch.float32)
         x_in = x.to(torch.float32) * a.sqrt()
         if mask is not None:
