@@ -1,5 +1,6 @@
 """torchrun with 2 processes (gloo on CPU) trains, resumes and samples exactly like 1 process."""
 
+import json
 import os
 import shutil
 import socket
@@ -36,10 +37,12 @@ def _env() -> dict:
     return env
 
 
-def torchrun(args: list[str], cwd, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd, nproc: int = 2, timeout: int = 240,
+             extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ambient", *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env={**_env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def train_flags(**cfg) -> list[str]:
@@ -116,11 +119,12 @@ def test_resume_under_torchrun_continues_the_same_run(runs):
 def test_two_process_sampling_gives_the_same_images(runs, capsys):
     root, _ = runs
     model = str(root / "single")
-    args = ["sample", "--model", model, "--num", "5", "--steps", "3", "--num-masks", "2", "--batch", "2"]
-    # "--" ends torchrun's own flags: its parser would take "--num" for an abbreviation of "--numa-binding"
-    proc = torchrun(["--", *args, "--out", str(root / "two.npz")], cwd=root)
+    args = ["sample", "--model", model, "--num-images", "5", "--steps", "3", "--num-masks", "2", "--batch", "2"]
+    # --num-images, not --num: torchrun's parser would take "--num" for an abbreviation of its "--numa-binding"
+    proc = torchrun([*args, "--out", str(root / "two.npz")], cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote 5 images") == 1  # rank 0 writes
+    assert proc.stderr.count("sampling:   0%") == 1  # one progress bar: rank 0's
     with pytest.raises(SystemExit) as exc:
         main([*args, "--out", str(root / "one.npz")])
     assert exc.value.code == 0
@@ -169,3 +173,74 @@ def test_env_helpers(monkeypatch):
         dist_utils.init_from_env("cpu")
     shares = [dist_utils.shard(list(range(7)), dist_utils.DistEnv(rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(shares, [])) == list(range(7)) and shares[0] == [0, 3, 6]
+
+
+def _weights_or_none():
+    from ambient.metrics import inception as inc
+
+    try:
+        return inc.find_inception_weights(download=False)
+    except AmbientInputError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def eval_sets(tmp_path_factory):
+    """7 'samples' (uneven split: 3 + 4 images per rank) and 6 'reference' images, 16 x 16 RGB."""
+    root = tmp_path_factory.mktemp("ddp-eval")
+    return root, str(write_npz(root / "a.npz", n=7, size=16, channels=3, seed=1)), \
+        str(write_npz(root / "b.npz", n=6, size=16, channels=3, seed=2))
+
+
+def _run_cli(args) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+
+
+def test_two_process_neighbors_match_one_process(eval_sets):
+    root, a, b = eval_sets
+    base = ["neighbors", "--samples", a, "--train", b, "--features", "pixels", "--k", "2", "--no-cache",
+            "--device", "cpu"]
+    proc = torchrun([*base, "--out", str(root / "nn2")], cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("max similarity (mean)") == 1  # only rank 0 prints
+    _run_cli([*base, "--out", str(root / "nn1")])
+    one = json.loads((root / "nn1" / "neighbors.json").read_text())
+    two = json.loads((root / "nn2" / "neighbors.json").read_text())
+    assert [r["neighbors"] for r in two["samples"]] == [r["neighbors"] for r in one["samples"]]
+    np.testing.assert_allclose([r["similarities"] for r in two["samples"]],
+                               [r["similarities"] for r in one["samples"]], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_weights_or_none() is None, reason="Inception weights absent")
+def test_two_process_eval_fid_and_ref_match_one_process(eval_sets, tmp_path):
+    root, a, b = eval_sets
+    cache = tmp_path / "cache"
+    env = {"AMBIENT_CACHE": str(cache)}
+    # FID/KID with a cold cache: the two ranks featurise 3 + 4 and 3 + 3 images; rank 0 writes the cache
+    fid2 = torchrun(["eval", "fid", "--samples", a, "--ref", b, "--json", str(tmp_path / "two.json"),
+                     "--kid-subset-size", "5", "--device", "cpu"], cwd=root, extra_env=env)
+    assert fid2.returncode == 0, fid2.stderr[-3000:]
+    assert fid2.stdout.count("FID") == 1
+    assert "samples:" in fid2.stderr  # rank 0's featurisation progress bar
+    assert len(list((cache / "features").glob("*.npz"))) == 2
+    ref2 = torchrun(["eval", "ref", "--data", a, "--out", str(tmp_path / "ref2.npz"), "--no-cache",
+                     "--device", "cpu"], cwd=root, extra_env=env)
+    assert ref2.returncode == 0, ref2.stderr[-3000:]
+    _run_cli(["eval", "fid", "--samples", a, "--ref", b, "--json", str(tmp_path / "one.json"),
+              "--kid-subset-size", "5", "--no-cache", "--device", "cpu"])
+    _run_cli(["eval", "ref", "--data", a, "--out", str(tmp_path / "ref1.npz"), "--no-cache", "--device", "cpu"])
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (two["num_samples"], two["num_ref"]) == (one["num_samples"], one["num_ref"]) == (7, 6)
+    np.testing.assert_allclose(two["fid"], one["fid"], rtol=1e-3)
+    np.testing.assert_allclose(two["kid"], one["kid"], rtol=1e-3, atol=1e-6)
+    with np.load(tmp_path / "ref1.npz") as r1, np.load(tmp_path / "ref2.npz") as r2:
+        np.testing.assert_allclose(r2["features"], r1["features"], rtol=1e-4, atol=1e-5)  # in image order
+        np.testing.assert_allclose(r2["mu"], r1["mu"], rtol=1e-4, atol=1e-6)
+    # warm cache: every rank learns of rank 0's hit and nobody featurises again
+    again = torchrun(["eval", "fid", "--samples", a, "--ref", b, "--kid-subset-size", "5", "--device", "cpu"],
+                     cwd=root, extra_env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "samples:" not in again.stderr  # no featurisation progress bar

@@ -50,6 +50,11 @@ def world_size_from_env() -> int:
     return world
 
 
+def rank_from_env() -> int:
+    """RANK as set by torchrun, 0 without it (the process that writes outputs and prints)."""
+    return _env_int("RANK", 0) if world_size_from_env() > 1 else 0
+
+
 def _wants_cuda(device: str | torch.device) -> bool:
     name = str(device)
     return torch.cuda.is_available() and (name == "auto" or name.startswith("cuda"))

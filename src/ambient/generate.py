@@ -49,6 +49,7 @@ def sample_distributed(loaded: LoadedModel, seeds: list[int], **kwargs) -> torch
     if env.world_size == 1:
         return sample_model(loaded, seeds, **kwargs)
     kwargs["device"] = env.device
+    kwargs["progress"] = kwargs.get("progress", False) and env.rank == 0
     loaded.denoiser.to(env.device)
     mine = dist_utils.shard(list(range(len(seeds))), env)
     images = sample_model(loaded, [seeds[i] for i in mine], **kwargs).cpu()

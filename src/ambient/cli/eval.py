@@ -32,12 +32,22 @@ def _common(f):
     f = click.option("--no-cache", is_flag=True, help="Do not read or write cached features.")(f)
     f = click.option("--max-size", type=click.IntRange(min=1), default=None,
                      help="Use only the first N images of each set.")(f)
+    f = device_option(f)
     return _inception_option(f)
+
+
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True,
+                        help="Where the feature network runs (under torchrun: cuda:LOCAL_RANK or cpu).")(f)
 
 
 @click.group("eval")
 def eval_group() -> None:
-    """Image-quality metrics: FID/KID (Inception features) and pixel-space sliced Wasserstein."""
+    """Image-quality metrics: FID/KID (Inception features) and pixel-space sliced Wasserstein.
+
+    Under torchrun (`torchrun --nproc_per_node=N -m ambient eval fid ...`) the ranks share the
+    featurisation; rank 0 prints and writes.
+    """
 
 
 @eval_group.command("fid")
@@ -48,7 +58,8 @@ def eval_group() -> None:
 @click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000, show_default=True)
 @_common
-def fid_command(samples, ref, json_out, kid_subsets, kid_subset_size, inception, batch, no_cache, max_size):
+def fid_command(samples, ref, json_out, kid_subsets, kid_subset_size, inception, batch, no_cache, max_size,
+                device):
     """FID and KID of --samples against --ref.
 
     KID needs features: with a statistics-only reference (EDM's npz) it is null.
@@ -56,7 +67,9 @@ def fid_command(samples, ref, json_out, kid_subsets, kid_subset_size, inception,
     from ambient.metrics.evaluate import evaluate_fid, write_json
 
     result = evaluate_fid(samples, ref, inception=inception, batch=batch, kid_subsets=kid_subsets,
-                          kid_subset_size=kid_subset_size, cache=not no_cache, max_size=max_size)
+                          kid_subset_size=kid_subset_size, cache=not no_cache, max_size=max_size, device=device)
+    if result is None:  # a torchrun rank other than 0
+        return
     _table([("FID", result["fid"]), ("KID", result["kid"]), ("KID std", result["kid_std"]),
             ("samples", result["num_samples"]), ("reference", result["num_ref"])])
     if json_out:
@@ -69,12 +82,14 @@ def fid_command(samples, ref, json_out, kid_subsets, kid_subset_size, inception,
 @click.option("--features/--no-features", "with_features", default=True, show_default=True,
               help="Also store the features (N x 2048 float32) so that KID works from this file.")
 @_common
-def ref_command(data, out, with_features, inception, batch, no_cache, max_size):
+def ref_command(data, out, with_features, inception, batch, no_cache, max_size, device):
     """Write reference statistics (mu, sigma: EDM's format; plus features) of --data."""
     from ambient.metrics.evaluate import make_reference
 
     fs = make_reference(data, out, inception=inception, batch=batch, with_features=with_features,
-                        cache=not no_cache, max_size=max_size)
+                        cache=not no_cache, max_size=max_size, device=device)
+    if fs is None:
+        return
     _table([("images", fs.num), ("written", out)])
 
 
@@ -92,6 +107,8 @@ def swd_command(samples, ref, json_out, num_projections, seed, max_size):
     from ambient.metrics.evaluate import evaluate_swd, write_json
 
     result = evaluate_swd(samples, ref, num_projections=num_projections, seed=seed, max_size=max_size)
+    if result is None:
+        return
     _table([("SWD", result["swd"]), ("samples", result["num_samples"]), ("reference", result["num_ref"])])
     if json_out:
         write_json(json_out, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ambient.cli.eval import device_option
 from ambient.metrics.neighbors import FEATURE_KINDS
 
 
@@ -26,14 +27,17 @@ from ambient.metrics.neighbors import FEATURE_KINDS
 @click.option("--num-pairs", type=click.IntRange(min=1), default=16, show_default=True,
               help="Rows of the most-similar-pairs panel.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write cached features.")
+@device_option
 def neighbors_command(samples, train, out_dir, features, k, threshold, inception, batch, loo_max,
-                      num_pairs, no_cache):
+                      num_pairs, no_cache, device):
     """Nearest training images of each generated image, by cosine similarity of features."""
     from ambient.metrics.evaluate import find_neighbors
 
     s = find_neighbors(samples, train, out_dir, features=features, k=k, threshold=threshold,
                        inception=inception, batch=batch, loo_max=loo_max, num_pairs=num_pairs,
-                       cache=not no_cache)
+                       cache=not no_cache, device=device)
+    if s is None:  # a torchrun rank other than 0
+        return
     rows = [
         ("samples", s["num_samples"]), ("train", s["num_train"]),
         ("max similarity (mean)", f"{s['max_similarity_mean']:.4f}"),

@@ -11,7 +11,9 @@ from ambient.sampling import CLIPS, SOLVERS
 
 @click.command("sample")
 @click.option("--model", "model", required=True, help="Training outdir (its latest snapshot) or a snapshot folder.")
-@click.option("--num", type=click.IntRange(min=1), required=True, help="Number of images.")
+@click.option("--num-images", "--num", "num", type=click.IntRange(min=1), required=True,
+              help="Number of images (--num-images also works under torchrun, whose parser would read --num "
+                   "as its own --numa-binding).")
 @click.option("--out", required=True, help="A folder (PNGs) or a .npz (key 'images', N×H×W×C uint8).")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed; image i uses seed+i.")
 @click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps.")

@@ -78,8 +78,11 @@ def train_command(dry_run: bool, progress: bool, **kwargs):
     if dry_run:
         click.echo(resolve(cfg))
         return
+    from ambient.distributed import rank_from_env
+
     outdir = train(cfg, progress=progress, log=lambda m: click.echo(m, err=True))
-    click.echo(f"done: {outdir}")
+    if rank_from_env() == 0:
+        click.echo(f"done: {outdir}")
 
 
 def register(group: click.Group) -> None:

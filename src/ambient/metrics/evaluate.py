@@ -4,6 +4,10 @@ A spec is anything :func:`ambient.data.load_images` reads (folder, EDM zip, npz,
 or, for FID, a statistics npz holding ``mu`` and ``sigma`` (EDM's reference format). KID needs
 features, so it is None when either side is a statistics file without a ``features`` array
 (EDM's files have none; ``ambient eval ref`` stores them unless told not to).
+
+Under torchrun (``torchrun --nproc_per_node=N -m ambient eval fid …``) each rank featurises its
+share of every image set (:func:`ambient.metrics.features.cached_features`); rank 0 computes the
+metrics, writes the outputs and returns the result, the other ranks return ``None``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ambient import distributed as dist_utils
 from ambient.errors import AmbientInputError
 from ambient.images import save_png
 from ambient.metrics.features import atomic_write_bytes, cached_features
@@ -52,15 +57,21 @@ def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.T
     return images
 
 
+def join(device: str | torch.device = "cpu") -> tuple[dist_utils.DistEnv, torch.device]:
+    """This process's rank (torchrun) and the device its feature network runs on."""
+    env = dist_utils.init_from_env(device)
+    return env, (env.device if env.world_size > 1 else dist_utils.resolve_device(str(device)))
+
+
 class _Inception:
     """Loads the network on first use only (statistics files need none)."""
 
-    def __init__(self, path: str | os.PathLike | None) -> None:
-        self.path, self.net = path, None
+    def __init__(self, path: str | os.PathLike | None, device: str | torch.device = "cpu") -> None:
+        self.path, self.device, self.net = path, device, None
 
     def get(self):
         if self.net is None:
-            self.net = load_inception(self.path)
+            self.net = load_inception(self.path, device=self.device)
         return self.net
 
 
@@ -78,32 +89,37 @@ def load_side(spec: str, flag: str, max_size: int | None = None) -> FeatureSet |
 
 def inception_feature_set(
     side: FeatureSet | torch.Tensor, net: _Inception, batch: int = 64, cache: bool = True,
-    progress: bool = True, desc: str = "features",
-) -> FeatureSet:
-    """Statistics (and features) of what :func:`load_side` returned: images are featurised (cached)."""
+    progress: bool = True, desc: str = "features", env: dist_utils.DistEnv | None = None,
+) -> FeatureSet | None:
+    """Statistics (and features) of what :func:`load_side` returned: images are featurised (cached).
+    Under torchrun (``env``) only rank 0 gets them, the others ``None``."""
     if isinstance(side, FeatureSet):
         return side
     model = net.get()
-    feats = cached_features(side, model, f"inception-{model.sha256}", batch, progress, cache, desc=desc)
-    return FeatureSet.from_features(feats, f"inception-{model.sha256}")
+    feats = cached_features(side, model, f"inception-{model.sha256}", batch, progress, cache, desc=desc, env=env)
+    return None if feats is None else FeatureSet.from_features(feats, f"inception-{model.sha256}")
 
 
 def evaluate_fid(
     samples: str, ref: str, inception: str | os.PathLike | None = None, batch: int = 64,
     kid_subsets: int = 100, kid_subset_size: int = 1000, cache: bool = True, progress: bool = True,
-    max_size: int | None = None,
-) -> dict:
-    """FID and KID of ``samples`` against ``ref``: ``{"fid", "kid", "kid_std", "num_samples", "num_ref"}``.
+    max_size: int | None = None, device: str | torch.device = "cpu",
+) -> dict | None:
+    """FID and KID of ``samples`` against ``ref``: ``{"fid", "kid", "kid_std", "num_samples", "num_ref"}``
+    (``None`` on ranks other than 0 under torchrun).
 
     Both inputs (and the network, when images need it) are checked before any featurisation.
     """
-    net = _Inception(inception)
+    env, dev = join(device)
+    net = _Inception(inception, dev)
     side_a = load_side(samples, "--samples", max_size)
     side_b = load_side(ref, "--ref", max_size)
     if not (isinstance(side_a, FeatureSet) and isinstance(side_b, FeatureSet)):
         net.get()
-    a = inception_feature_set(side_a, net, batch, cache, progress, "samples")
-    b = inception_feature_set(side_b, net, batch, cache, progress, "ref")
+    a = inception_feature_set(side_a, net, batch, cache, progress, "samples", env)
+    b = inception_feature_set(side_b, net, batch, cache, progress, "ref", env)
+    if a is None or b is None:
+        return None
     if a.feature_id and b.feature_id and a.feature_id != b.feature_id:
         raise AmbientInputError(
             f"--ref {ref}: statistics were computed with a different network ({b.feature_id})"
@@ -120,26 +136,33 @@ def evaluate_fid(
 def make_reference(
     data: str, out: str | os.PathLike, inception: str | os.PathLike | None = None, batch: int = 64,
     with_features: bool = True, cache: bool = True, progress: bool = True, max_size: int | None = None,
-) -> FeatureSet:
-    """Write the reference statistics npz of ``data`` to ``out`` (EDM keys plus our extras)."""
+    device: str | torch.device = "cpu",
+) -> FeatureSet | None:
+    """Write the reference statistics npz of ``data`` to ``out`` (EDM keys plus our extras); under
+    torchrun rank 0 writes and returns them, the other ranks return ``None``."""
     if is_stats_file(data):
         raise AmbientInputError(f"--data {data}: is already a statistics file; give images")
     images = load_image_set(data, "--data", max_size)
-    fs = inception_feature_set(images, _Inception(inception), batch, cache, progress, "data")
-    save_stats(out, fs, with_features=with_features)
+    env, dev = join(device)
+    fs = inception_feature_set(images, _Inception(inception, dev), batch, cache, progress, "data", env)
+    if fs is not None:
+        save_stats(out, fs, with_features=with_features)
     return fs
 
 
 def evaluate_swd(
     samples: str, ref: str, num_projections: int = 256, seed: int = 0, max_size: int | None = None
-) -> dict:
-    """Pixel-space sliced Wasserstein-2 distance (images in [-1, 1]) of two image specs."""
+) -> dict | None:
+    """Pixel-space sliced Wasserstein-2 distance (images in [-1, 1]) of two image specs (cheap: under
+    torchrun rank 0 computes it, the other ranks only check the inputs and return ``None``)."""
     x = load_image_set(samples, "--samples", max_size)
     y = load_image_set(ref, "--ref", max_size)
     if x.shape[1:] != y.shape[1:]:
         raise AmbientInputError(
             f"--samples {samples}: image shape {tuple(x.shape[1:])} differs from --ref {tuple(y.shape[1:])}"
         )
+    if dist_utils.rank_from_env() != 0:
+        return None
     gen = torch.Generator().manual_seed(seed)
     swd = sliced_wasserstein(x, y, num_projections=num_projections, generator=gen)
     return {"swd": swd, "num_samples": int(x.shape[0]), "num_ref": int(y.shape[0]),
@@ -150,9 +173,11 @@ def find_neighbors(
     samples: str, train: str, out_dir: str | os.PathLike, features: str = "inception", k: int = 3,
     threshold: float = 0.95, inception: str | os.PathLike | None = None, batch: int = 64,
     loo_max: int = 2000, num_pairs: int = 16, cache: bool = True, progress: bool = True,
-) -> dict:
+    device: str | torch.device = "cpu",
+) -> dict | None:
     """Nearest training images of each sample; writes ``neighbors.json``, ``similarity_hist.png``
-    and ``pairs.png`` into ``out_dir`` and returns the JSON's summary (without per-sample rows)."""
+    and ``pairs.png`` into ``out_dir`` and returns the JSON's summary (without per-sample rows).
+    Under torchrun the ranks share the featurisation and rank 0 does the rest (others: ``None``)."""
     if not -1.0 <= threshold <= 1.0:
         raise AmbientInputError(f"--threshold must be in [-1, 1], got {threshold}")
     x = load_image_set(samples, "--samples")
@@ -162,9 +187,12 @@ def find_neighbors(
     if features == "pixels" and x.shape[1:] != y.shape[1:]:
         raise AmbientInputError(f"--features pixels needs equal image shapes, got {tuple(x.shape[1:])} "
                                 f"and {tuple(y.shape[1:])}")
-    fn, feature_id = feature_extractor(features, inception)
-    fx = cached_features(x, fn, feature_id, batch, progress, cache, desc="samples")
-    fy = cached_features(y, fn, feature_id, batch, progress, cache, desc="train")
+    env, dev = join(device)
+    fn, feature_id = feature_extractor(features, inception, dev)
+    fx = cached_features(x, fn, feature_id, batch, progress, cache, desc="samples", env=env)
+    fy = cached_features(y, fn, feature_id, batch, progress, cache, desc="train", env=env)
+    if fx is None or fy is None:
+        return None
     sims, idx = nearest_neighbors(fx, fy, k=k)
     loo, _ = leave_one_out_max_similarity(fy, max_n=loo_max)
     best = sims[:, 0]

@@ -113,7 +113,7 @@ class DinoV2Features(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_rgb(to_uint8(images)).float() / 255.0
+        x = to_rgb(to_uint8(images.to(self.mean.device))).float() / 255.0
         x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
         out = self.net((x.clamp(0, 1) - self.mean) / self.std)
         if isinstance(out, (tuple, list)):
@@ -148,15 +148,16 @@ def load_dinov2(path: str | os.PathLike | None = None) -> DinoV2Features:
 
 
 def feature_extractor(
-    kind: str, inception: str | os.PathLike | None = None
+    kind: str, inception: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """(features function, feature id for the cache) for ``kind`` in :data:`FEATURE_KINDS`."""
+    """(features function, feature id for the cache) for ``kind`` in :data:`FEATURE_KINDS`; networks
+    run on ``device`` (pixel features on the CPU)."""
     if kind == "pixels":
         return pixel_features, "pixels-centred-v1"
     if kind == "inception":
-        net = load_inception(inception)
+        net = load_inception(inception, device=device)
         return net, f"inception-{net.sha256}"
     if kind == "dinov2":
-        net = load_dinov2()
+        net = load_dinov2().to(device)
         return net, f"dinov2-{net.sha256}"
     raise AmbientInputError(f"--features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
