@@ -98,7 +98,7 @@ def results_section(rows: list[dict], meta: dict) -> str:
 def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     keys = ("method", "p", "delta", "fid", "kid", "kid_std", "swd", "memorized_share", "memorized_share_strict",
-            "max_similarity_mean",
+            "max_similarity_mean", "loss_normalize",
             "kimg", "table", "num_masks", "steps", "num_samples", "num_ref", "train_s", "sample_s", "arch", "mode")
     clean = [{k: r.get(k) for k in keys} for r in rows]
     (docs / "results.json").write_text(json.dumps(clean, indent=1) + "\n")
