@@ -13,7 +13,7 @@ distance, and the memorised share (nearest clean training image by pixel correla
 test images (``real-test``) give the floor of each metric at this N. The sampler ablation redraws the
 ambient p = 0.8 samples with 4 masks and with 50 steps.
 
-    python benchmarks/validate.py --quick                     # end-to-end check: 5 models × 1.5 kimg, N = 64
+    python benchmarks/validate.py --quick --threads 1         # end-to-end: 5 models × 1.5 kimg, N = 64: 9 min
     python benchmarks/validate.py --mode medium --threads 1   # 5 models × 18 kimg, N = 250: 60 min (measured)
     python benchmarks/validate.py                             # full: 7 models × 60 kimg, N = 1000: ~2.7 h (estimate)
 
