@@ -22,7 +22,8 @@ On a CPU shared with other jobs, ``--threads 1`` trains 3–4× faster than torc
 
 Every stage is resumable: each model lives in ``<out-dir>/<method>-p<p>``; training resumes from its
 latest snapshot, finished trainings, samples and Inception features (cached by content) are reused.
-Writes docs/results.md (between markers), docs/results.json and docs/fashion_mnist.png.
+Writes this mode's section of docs/results.md (between its markers), its rows of docs/results.json (rows of
+other modes are kept) and docs/fashion_mnist.png (full mode; other modes write fashion_mnist_<mode>.png).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ambient.model import load_model
 from ambient.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validate_report import write_docs, write_figure  # noqa: E402
+from validate_report import figure_name, write_docs, write_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TEST = "builtin:fashion-mnist", "builtin:fashion-mnist:test"
@@ -245,7 +246,7 @@ def figure_rows(args, samples: dict) -> list:
 def publish(args, rows: list, samples: dict, argv, started: float, complete: bool) -> None:
     """Write docs/results.md, results.json and the figure from what is done so far."""
     docs = Path(args.docs_dir)
-    write_figure(docs / "fashion_mnist.png", figure_rows(args, samples))
+    write_figure(docs / figure_name(args.mode), figure_rows(args, samples))
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
             "mode": args.mode, "kimg": args.kimg, "arch": args.arch, "batch": args.batch, "lr": args.lr,
             "delta": args.delta, "probs": args.probs, "naive_probs": args.naive_probs,
@@ -289,7 +290,7 @@ def main(argv=None) -> None:
             rows += sampler_ablation(m, args, root, scorer, rows[-1], u8, base)
             publish(args, rows, samples, argv, started, complete=False)
     publish(args, rows, samples, argv, started, complete=True)
-    log(f"wrote {args.docs_dir}/results.md, results.json, fashion_mnist.png "
+    log(f"wrote {args.docs_dir}/results.md, results.json, {figure_name(args.mode)} "
         f"({(time.perf_counter() - started) / 60:.1f} min this run)")
 
 

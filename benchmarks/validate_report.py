@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ambient.checkpoint import atomic_write_text
 from ambient.images import make_grid, save_png
 
-START = "<!-- validate:start (written by benchmarks/validate.py; edit outside the markers) -->"
-END = "<!-- validate:end -->"
 HEADER = "# Validation on Fashion-MNIST: ambient vs naive vs clean training\n"
 
 
@@ -58,15 +57,30 @@ def _table(rows: list[dict], sampler: bool) -> list[str]:
     return out
 
 
+def markers(mode: str) -> tuple[str, str]:
+    """The comment lines around one configuration's section of results.md (one section per mode)."""
+    return (f"<!-- validate:{mode}:start (written by benchmarks/validate.py; edit outside the markers) -->",
+            f"<!-- validate:{mode}:end -->")
+
+
+def figure_name(mode: str) -> str:
+    """docs/fashion_mnist.png belongs to the full configuration; other modes get their own file."""
+    return "fashion_mnist.png" if mode == "full" else f"fashion_mnist_{mode}.png"
+
+
 def results_section(rows: list[dict], meta: dict) -> str:
     order = {"real-test": 0, "clean": 1, "naive": 2, "ambient": 3}
     main = sorted((r for r in rows if r["table"] in ("reference", "main")),
                   key=lambda r: (order.get(r["method"], 4), r["method"], r["p"]))
     ablation = [r for r in rows if r["table"] == "ablation"]
     m = meta
+    start, end = markers(m["mode"])
     lines = [
-        START,
+        start,
         f"## Results: {m['mode']} configuration", "",
+        *([] if m.get("complete", True) else [
+            "**Partial:** written while the run was still going; models missing from the table had not "
+            "finished. Rerun the command to finish (every stage resumes).", ""]),
         f"Command: `{m['command']}` ({m['date']}, {m['machine']}, {m['torch_threads']} torch threads; "
         f"this invocation took {m['wall_s'] / 60:.1f} min, stages reused from earlier invocations not counted).", "",
         f"Setup: `{m['arch']}` backbone, 28×28, batch {m['batch']}, lr {m['lr']:g}, {m['kimg']:g} kimg per model, "
@@ -82,29 +96,51 @@ def results_section(rows: list[dict], meta: dict) -> str:
         "~6 img/s here. `real-test` = held-out test images (not in the "
         "reference): the floor of each metric at this N, and the share of fresh real images that already "
         "look 'memorised' by this criterion.", "",
-        "`train min` / `sample min`: wall time on a shared 2-core CPU (other jobs were running), as measured.", "",
+        f"`train min` / `sample min`: wall time as measured with {m['torch_threads']} torch threads "
+        "(other jobs on the machine at the same time slow these down).", "",
         *_table(main, sampler=False), "",
     ]
     if ablation:
         lines += [f"Sampler ablation (ambient, p = 0.8; {m['ablation_samples']} samples per setting, so FID is "
                   "not comparable with the main table; compare rows with each other):", "",
                   *_table(ablation, sampler=True), ""]
-    lines += ["Figure: `docs/fashion_mnist.png` (rows: clean data; per p: the corrupted training images "
+    lines += [f"Figure: `docs/{figure_name(m['mode'])}` (rows: clean data; per p: the corrupted training images "
               "exactly as the models saw them (hidden pixels = 0, grey), naive samples, ambient samples; "
-              "last row: samples of the clean-trained model; seeds 0..11).", "", END]
+              "last row: samples of the clean-trained model; seeds 0..11).", "", end]
     return "\n".join(lines)
 
 
+MEASURED_TABLES = ("reference", "main", "ablation")  # rows a run of one mode replaces; others (e.g. "variant") stay
+
+
+def merge_rows(old: list[dict], new: list[dict], mode: str) -> list[dict]:
+    """results.json after a run of ``mode``: its measured rows replace that mode's, other rows are kept."""
+    kept = [r for r in old if not (r.get("mode") == mode and r.get("table") in MEASURED_TABLES)]
+    return kept + new
+
+
 def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
+    """Update docs/results.json (rows of every mode run so far) and this mode's section of results.md.
+
+    Both files are written atomically. A section is replaced in place; a mode run for the first time
+    gets its section appended at the end."""
     docs.mkdir(parents=True, exist_ok=True)
     keys = ("method", "p", "delta", "fid", "kid", "kid_std", "swd", "memorized_share", "memorized_share_strict",
             "max_similarity_mean", "loss_normalize",
             "kimg", "table", "num_masks", "steps", "num_samples", "num_ref", "train_s", "sample_s", "arch", "mode")
-    clean = [{k: r.get(k) for k in keys} for r in rows]
-    (docs / "results.json").write_text(json.dumps(clean, indent=1) + "\n")
+    new = [{k: r.get(k) for k in keys} for r in rows]
+    path_json = docs / "results.json"
+    try:
+        old = json.loads(path_json.read_text(encoding="utf-8")) if path_json.is_file() else []
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path_json}: not valid JSON ({exc}); fix or remove it") from exc
+    if not isinstance(old, list):
+        raise SystemExit(f"{path_json}: expected a list of rows, got {type(old).__name__}")
+    atomic_write_text(path_json, json.dumps(merge_rows(old, new, meta["mode"]), indent=1) + "\n")
     path = docs / "results.md"
-    old = path.read_text(encoding="utf-8") if path.is_file() else HEADER
+    text = path.read_text(encoding="utf-8") if path.is_file() else HEADER
     body = results_section(rows, meta)
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _m: body, old) if pattern.search(old) else old.rstrip() + "\n\n" + body + "\n"
-    path.write_text(text, encoding="utf-8")
+    start, end = markers(meta["mode"])
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _m: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
+    atomic_write_text(path, text)

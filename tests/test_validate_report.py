@@ -1,0 +1,64 @@
+"""benchmarks/validate_report.py: each configuration keeps its own section of results.md and rows of results.json."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+validate_report = pytest.importorskip("validate_report")
+
+
+def _rows(mode: str, fid: float) -> list[dict]:
+    base = dict(mode=mode, kimg=1.0, arch="small", num_ref=10, kid=0.1, kid_std=0.01, swd=0.2,
+                memorized_share=0.0, memorized_share_strict=0.0, train_s=60.0, sample_s=6.0)
+    return [{**base, "table": "reference", "method": "real-test", "p": 0.0, "delta": 0.0, "kimg": None, "fid": 1.0},
+            {**base, "table": "main", "method": "ambient", "p": 0.8, "delta": 0.1, "fid": fid}]
+
+
+def _meta(mode: str) -> dict:
+    return dict(mode=mode, command=f"python validate.py --mode {mode}", date="2026-11-29", machine="x86_64",
+                torch_threads=2, wall_s=60.0, arch="small", batch=32, lr=2e-3, kimg=1.0, seed=0, delta=0.1,
+                num_samples=8, num_ref=10, threshold=0.95, strict_threshold=0.99, ablation_samples=4)
+
+
+def test_modes_keep_their_own_sections_and_rows(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    variant = {"mode": "medium", "table": "variant", "method": "ambient-d0", "fid": 318.3}
+    (docs / "results.json").write_text(json.dumps([variant]))
+    (docs / "results.md").write_text("# Title\n\nProse before.\n")
+    validate_report.write_docs(docs, _rows("medium", 226.5), _meta("medium"))
+    validate_report.write_docs(docs, _rows("full", 150.0), _meta("full"))
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Title\n\nProse before.\n")
+    assert text.index("## Results: medium") < text.index("## Results: full")
+    assert "| 226.5 |" in text and "| 150.0 |" in text
+    assert "docs/fashion_mnist_medium.png" in text and "docs/fashion_mnist.png" in text
+
+    # a rerun of one mode replaces that mode's section in place and its measured rows, nothing else
+    validate_report.write_docs(docs, _rows("medium", 200.0), _meta("medium"))
+    again = (docs / "results.md").read_text()
+    assert "| 226.5 |" not in again and "| 200.0 |" in again and "| 150.0 |" in again
+    assert again.index("## Results: medium") < again.index("## Results: full")
+    assert again.count("## Results: medium") == 1
+    rows = json.loads((docs / "results.json").read_text())
+    assert [(r["mode"], r["table"], r["fid"]) for r in rows] == [
+        ("medium", "variant", 318.3), ("full", "reference", 1.0), ("full", "main", 150.0),
+        ("medium", "reference", 1.0), ("medium", "main", 200.0)]
+    assert not list(docs.glob(".*tmp*")), "atomic writes leave no temp files"
+
+
+def test_bad_results_json_names_the_file(tmp_path):
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="results.json: not valid JSON"):
+        validate_report.write_docs(tmp_path, _rows("quick", 1.0), _meta("quick"))
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_partial_run_is_labelled(tmp_path):
+    validate_report.write_docs(tmp_path, _rows("quick", 1.0), {**_meta("quick"), "complete": False})
+    assert "**Partial:**" in (tmp_path / "results.md").read_text()
+    validate_report.write_docs(tmp_path, _rows("quick", 1.0), {**_meta("quick"), "complete": True})
+    assert "**Partial:**" not in (tmp_path / "results.md").read_text()
