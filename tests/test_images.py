@@ -128,3 +128,15 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_shape_errors_name_the_expected_layout(tmp_path):
+    with pytest.raises(ValueError, match=r"image tensor must be \(C, H, W\), got shape \(1, 1, 5, 7\)"):
+        save_png(tmp_path / "a.png", torch.zeros(1, 1, 5, 7))
+    with pytest.raises(ValueError, match=r"images tensor must be \(N, C, H, W\)"):
+        save_grid(tmp_path / "g.png", torch.zeros(1, 5, 7), nrow=1)
+    with pytest.raises(ValueError, match=r"image array must be uint8 \(H, W, C\) or \(H, W\), got float64"):
+        save_png(tmp_path / "b.png", np.zeros((5, 7)))
+    with pytest.raises(ValueError, match="images must have 1 or 3 channels, got 2"):
+        save_images_folder(tmp_path / "f", np.zeros((2, 5, 7, 2), dtype=np.uint8))
+    assert not any(tmp_path.rglob("*.png"))

@@ -75,43 +75,36 @@ def read_image(source: str | os.PathLike | BinaryIO, name: str | None = None) ->
     return np.ascontiguousarray(arr)
 
 
-def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """One image to uint8 (H, W, C): tensors are CHW (float in [-1, 1] or uint8), arrays HWC or HW."""
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3:
-            raise ValueError(f"image tensor must be (C, H, W), got shape {tuple(image.shape)}")
-        if image.dtype != torch.uint8:
-            image = float_to_uint8(image)
-        arr = image.detach().cpu().permute(1, 2, 0).numpy()
+def _channels_last(x: torch.Tensor | np.ndarray, batched: bool) -> np.ndarray:
+    """Image(s) to contiguous uint8 channels-last. Tensors are (N,) C, H, W, float in [-1, 1] or uint8;
+    arrays are uint8 (N,) H, W(, C). ``batched`` says whether a leading N is expected."""
+    what, lead = ("images", "N, ") if batched else ("image", "")
+    ndim = 4 if batched else 3
+    if isinstance(x, torch.Tensor):
+        if x.ndim != ndim:
+            raise ValueError(f"{what} tensor must be ({lead}C, H, W), got shape {tuple(x.shape)}")
+        if x.dtype != torch.uint8:
+            x = float_to_uint8(x)
+        arr = x.detach().cpu().movedim(-3, -1).numpy()
     else:
-        arr = np.asarray(image)
-        if arr.ndim == 2:
+        arr = np.asarray(x)
+        if arr.ndim == ndim - 1:
             arr = arr[..., None]
-        if arr.ndim != 3 or arr.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8 (H, W, C) or (H, W), got {arr.dtype} {arr.shape}")
-    if arr.shape[2] not in (1, 3):
-        raise ValueError(f"image must have 1 or 3 channels, got {arr.shape[2]}")
+        if arr.ndim != ndim or arr.dtype != np.uint8:
+            raise ValueError(f"{what} array must be uint8 ({lead}H, W, C) or ({lead}H, W), got {arr.dtype} {arr.shape}")
+    if arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{what} must have 1 or 3 channels, got {arr.shape[-1]}")
     return np.ascontiguousarray(arr)
+
+
+def _to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """One image to uint8 (H, W, C): tensors CHW (float in [-1, 1] or uint8), arrays HWC or HW."""
+    return _channels_last(image, batched=False)
 
 
 def _batch_to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """A batch to uint8 (N, H, W, C): tensors NCHW (float or uint8), arrays NHWC or NHW."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"images tensor must be (N, C, H, W), got shape {tuple(images.shape)}")
-        if images.dtype != torch.uint8:
-            images = float_to_uint8(images)
-        arr = images.detach().cpu().permute(0, 2, 3, 1).numpy()
-    else:
-        arr = np.asarray(images)
-        if arr.ndim == 3:
-            arr = arr[..., None]
-        if arr.ndim != 4 or arr.dtype != np.uint8:
-            raise ValueError(f"images array must be uint8 (N, H, W, C) or (N, H, W), "
-                             f"got {arr.dtype} {arr.shape}")
-    if arr.shape[3] not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {arr.shape[3]}")
-    return np.ascontiguousarray(arr)
+    return _channels_last(images, batched=True)
 
 
 def _umask() -> int:
