@@ -15,7 +15,7 @@ ambient p = 0.8 samples with 4 masks and with 50 steps.
 
     python benchmarks/validate.py --quick --threads 1         # end-to-end: 5 models × 1.5 kimg, N = 64: 9 min
     python benchmarks/validate.py --mode medium --threads 1   # 5 models × 18 kimg, N = 250: 60 min (measured)
-    python benchmarks/validate.py                             # full: 7 models × 60 kimg, N = 1000: 135 min with --threads 2 (measured)
+    python benchmarks/validate.py --threads 2                 # full: 7 models × 60 kimg, N = 1000: 135 min (measured)
 
 On a CPU shared with other jobs, ``--threads 1`` trains 3–4× faster than torch's default two threads
 (measured here: ~35 vs ~10 img/s with two other jobs running).
