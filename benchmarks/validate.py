@@ -52,7 +52,7 @@ from ambient.model import load_model
 from ambient.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from validate_report import figure_name, write_docs, write_figure  # noqa: E402
+from validate_report import figure_name, read_rows, write_docs, write_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TEST = "builtin:fashion-mnist", "builtin:fashion-mnist:test"
@@ -264,6 +264,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    read_rows(Path(args.docs_dir) / "results.json")  # fail now, not after the first model's training
     root = args.out_dir
     root.mkdir(parents=True, exist_ok=True)
     methods = methods_for(args)

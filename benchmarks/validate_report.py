@@ -119,6 +119,17 @@ def merge_rows(old: list[dict], new: list[dict], mode: str) -> list[dict]:
     return kept + new
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an existing results.json ([] if there is none); a one-line SystemExit if it is unusable."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON ({exc}); fix or remove it") from exc
+    if not isinstance(rows, list):
+        raise SystemExit(f"{path}: expected a list of rows, got {type(rows).__name__}")
+    return rows
+
+
 def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
     """Update docs/results.json (rows of every mode run so far) and this mode's section of results.md.
 
@@ -130,13 +141,7 @@ def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
             "kimg", "table", "num_masks", "steps", "num_samples", "num_ref", "train_s", "sample_s", "arch", "mode")
     new = [{k: r.get(k) for k in keys} for r in rows]
     path_json = docs / "results.json"
-    try:
-        old = json.loads(path_json.read_text(encoding="utf-8")) if path_json.is_file() else []
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"{path_json}: not valid JSON ({exc}); fix or remove it") from exc
-    if not isinstance(old, list):
-        raise SystemExit(f"{path_json}: expected a list of rows, got {type(old).__name__}")
-    atomic_write_text(path_json, json.dumps(merge_rows(old, new, meta["mode"]), indent=1) + "\n")
+    atomic_write_text(path_json, json.dumps(merge_rows(read_rows(path_json), new, meta["mode"]), indent=1) + "\n")
     path = docs / "results.md"
     text = path.read_text(encoding="utf-8") if path.is_file() else HEADER
     body = results_section(rows, meta)

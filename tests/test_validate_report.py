@@ -62,3 +62,11 @@ def test_partial_run_is_labelled(tmp_path):
     assert "**Partial:**" in (tmp_path / "results.md").read_text()
     validate_report.write_docs(tmp_path, _rows("quick", 1.0), {**_meta("quick"), "complete": True})
     assert "**Partial:**" not in (tmp_path / "results.md").read_text()
+
+
+def test_validate_refuses_bad_results_json_before_training(tmp_path):
+    validate = pytest.importorskip("validate")
+    (tmp_path / "results.json").write_text("[1,")
+    with pytest.raises(SystemExit, match="results.json: not valid JSON"):
+        validate.main(["--quick", "--docs-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
