@@ -11,6 +11,7 @@ the ranks' gradients, is the single-process gradient of the global batch.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -79,7 +80,15 @@ def init_from_env(device: str | torch.device = "auto") -> DistEnv:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # leave the group before the interpreter tears down: a live gloo group at exit can abort a rank
+        # ("terminate called without an active exception"), failing a run whose work was all done
+        atexit.register(_leave_group)
     return DistEnv(rank, world, local_rank, dev)
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
