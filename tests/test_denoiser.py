@@ -101,3 +101,20 @@ def test_bad_inputs():
         build_backbone("huge", 1, 8)
     with pytest.raises(ValueError, match="img_channels"):
         build_backbone("tiny", 2, 8)
+
+
+def test_denoiser_presents_the_full_image_interface():
+    """D(x, σ) with no mask is a FullImageDenoiser with EDM's σ range and no own schedule;
+    ``denoise`` (trusted inputs) equals the checked ``forward``."""
+    from ambient.denoiser import FullImageDenoiser, MaskDenoiser
+
+    den = Denoiser(ConstantBackbone(0.3), 1, sigma_data=0.5)
+    assert isinstance(den, FullImageDenoiser) and isinstance(den, MaskDenoiser)
+    assert (den.sigma_min, den.sigma_max, den.schedule(18)) == (0.002, 80.0, None)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    assert torch.equal(den(x, sigma, mask), den.denoise(x, sigma, mask))
+    assert torch.equal(den(x, 2.0), den.denoise(x, torch.full((3,), 2.0), None))
+    with pytest.raises(ValueError, match="sigma must be a scalar or have one value per image"):
+        den(x, torch.ones(2))

@@ -182,6 +182,9 @@ def test_denoiser_sigma_timestep_mapping_matches_the_scheduler(tmp_path, predict
     assert len(s) == 11 and s[-1] == 0
     torch.testing.assert_close(s[[0, -2]], sig[[-1, 0]], rtol=1e-12, atol=0)
     assert bool((s[1:] < s[:-1]).all()) and all(bool(torch.isclose(sig, v, rtol=1e-12).any()) for v in s[:-1])
+    # The full-image interface: its own schedule and σ range are attributes, not sniffed.
+    assert torch.equal(den.schedule(10), s)
+    assert (den.sigma_min, den.sigma_max) == (float(sig[0]), float(sig[-1]))
     # D(x, σ_t) is the scheduler's own x0 estimate of the UNet's output at timestep t.
     x0 = torch.rand(2, 1, 8, 8, generator=gen(0)) * 2 - 1
     unet = UNet2DModel.from_pretrained(str(tmp_path / "out" / "unet"))

@@ -10,6 +10,14 @@ about itself, as if it were infinitely noisy, so there we use the σ → ∞ lim
 c_skip = 0 and c_out = σ_d. With the plain EDM scalings, c_out ≈ σ → 0 at small σ, and the
 backbone would need outputs of order 1/σ to put a value of order 1 on a hidden pixel.
 ``mask_aware=False`` keeps the plain scalings everywhere (the reference implementation's choice).
+
+The interface every sampler, metric and posterior method takes is :class:`FullImageDenoiser`:
+``D(x, sigma) -> x0`` on full images, with the model's σ range (``sigma_min``, ``sigma_max``)
+and its own σ schedule (``schedule(num_steps)``, None for EDM's) as attributes. A mask-input
+model (:class:`MaskDenoiser`) is also called ``D(x, sigma, mask)``; with ``mask=None`` it is a
+full-image denoiser (every pixel visible). The fixed-mask ensemble of the ambient sampler is a
+wrapper that turns a mask-input model into a full-image denoiser
+(:class:`ambient.sampling.FixedMaskEnsemble`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,50 @@ def check_denoiser_inputs(x: torch.Tensor, sigma, mask: torch.Tensor | None, img
     return sigma
 
 
-class Denoiser(nn.Module):
+class FullImageDenoiser(nn.Module):
+    """Base of full-image denoisers ``D(x, sigma) -> x0``.
+
+    ``x``: (N, C, H, W) noisy images x0 + σn; ``sigma``: a scalar or one value per image (a
+    tensor or a number); returns the estimate of x0 with x's shape (any float dtype; solvers
+    cast it). Attributes: ``sigma_min`` / ``sigma_max``, the noise levels the model was trained
+    for (EDM's 0.002 / 80 by default), ``sigma_data``, and :meth:`schedule`.
+    Wrappers (the fixed-mask ensemble, posterior denoisers) subclass it and take their
+    ``sigma_*`` and ``schedule`` from the denoiser they wrap.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+
+    def schedule(self, num_steps: int) -> torch.Tensor | None:
+        """The model's own decreasing σ's for ``num_steps`` steps, ending in 0 (float64), or None
+        when the model has none and samplers should use EDM's schedule over [sigma_min, sigma_max]."""
+        return None
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MaskDenoiser(FullImageDenoiser):
+    """A model that also takes a mask: ``D(x, sigma, mask=None)``; ``mask=None`` = all visible.
+
+    ``forward`` validates its inputs once; :meth:`denoise` is the same computation for callers
+    that already did (the sampler's inner loop): ``x`` (N, C, H, W), ``sigma`` an (N,) tensor
+    on x's device, ``mask`` None or x's shape.
+    """
+
+    img_channels: int
+    sigma_dtype: torch.dtype = torch.float32
+
+    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, self.sigma_dtype)
+        return self.denoise(x, sigma, mask)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class Denoiser(MaskDenoiser):
     """EDM-preconditioned denoiser ``D(x, sigma, mask=None)``.
 
     Args:
@@ -69,8 +120,8 @@ class Denoiser(nn.Module):
             c_out = c_out * mask + sd * (1.0 - mask)
         return c_skip, c_out, c_in, c_noise
 
-    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, torch.float32)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sigma = sigma.to(torch.float32)
         n = x.shape[0]
         s = sigma.reshape(n, 1, 1, 1)
         x = x.to(torch.float32)

@@ -28,9 +28,9 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
     """Images in [-1, 1], (len(seeds), C, H, W), one per seed, with the model's own mask law."""
     spec = loaded.sampling
     kwargs = spec.sampler_kwargs()
-    sigmas = getattr(loaded.denoiser, "sampling_sigmas", None)
-    if sigmas is not None:
-        kwargs["sigmas"] = sigmas(num_steps)
+    own = loaded.denoiser.schedule(num_steps)  # a finetuned DDPM's own σ's; None: EDM's
+    if own is not None:
+        kwargs["sigmas"] = own
     shape = loaded.image_shape
     batches = iter_sample_batches(loaded.denoiser, len(seeds), seeds, batch, image_shape=shape,
                                   num_steps=num_steps, num_masks=num_masks, guidance_scale=guidance_scale,

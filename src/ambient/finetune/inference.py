@@ -27,12 +27,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ambient import __version__
 from ambient.checkpoint import atomic_write_json
 from ambient.corruption import Corruption
-from ambient.denoiser import check_denoiser_inputs
+from ambient.denoiser import MaskDenoiser
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import TIMESTEP_MODES
 from ambient.finetune.objective import (
@@ -48,7 +47,7 @@ SPACINGS = ("linear", "karras")
 KIND = "finetune"
 
 
-class FinetunedDenoiser(nn.Module):
+class FinetunedDenoiser(MaskDenoiser):
     """``D(x, sigma, mask=None) -> x0`` around a DDPM-parameterised UNet (see the module doc).
 
     Args:
@@ -58,7 +57,11 @@ class FinetunedDenoiser(nn.Module):
         hidden_x0: rule at pixels with mask 0 (``direct``: raw output; ``formula``).
         timestep_mode: ``interpolate`` or ``nearest``.
         corruption, data_survival: the mask law of the finetuning data, for the sampler.
+
+    Its σ range is that of its timesteps, and :meth:`schedule` is :meth:`sampling_sigmas`.
     """
+
+    sigma_dtype = torch.float64
 
     def __init__(self, net: MaskedUNet, alphas_cumprod: torch.Tensor, prediction_type: str,
                  hidden_x0: str = "direct", timestep_mode: str = "interpolate",
@@ -86,6 +89,18 @@ class FinetunedDenoiser(nn.Module):
     @property
     def img_channels(self) -> int:
         return self.net.img_channels
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        """The model's own σ's (:meth:`sampling_sigmas` with linear spacing)."""
+        return self.sampling_sigmas(num_steps)
 
     @property
     def timestep_sigmas(self) -> torch.Tensor:
@@ -130,8 +145,8 @@ class FinetunedDenoiser(nn.Module):
         sigmas = self.timestep_sigmas[ts].cpu()
         return torch.cat([sigmas, sigmas.new_zeros(1)])
 
-    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, torch.float64)
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sigma = sigma.to(torch.float64)
         n = x.shape[0]
         a = alpha_bar_from_sigma(sigma).reshape(n, 1, 1, 1).to(torch.float32)
         x_in = x.to(torch.float32) * a.sqrt()
