@@ -11,10 +11,12 @@ from dataclasses import asdict, dataclass, fields
 
 from ambient.backbones import PRESETS
 from ambient.corruption import PATTERNS, Corruption
+from ambient.ddpmpp import SONG_PRESETS
 from ambient.errors import AmbientInputError
 from ambient.loss import NORMALIZATIONS
 
 OBJECTIVES = ("ambient", "naive")
+ARCHS = (*PRESETS, *SONG_PRESETS)  # diffusers UNet2DModel presets, then the paper's DDPM++ (ambient.ddpmpp)
 PRECISIONS = ("fp32", "bf16")
 
 def dataclass_from_dict(cls, d: dict, what: str):
@@ -89,7 +91,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
                 bad(name, f"must be in [0, 1), got {v!r}")
-        choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": tuple(PRESETS),
+        choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
                    "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

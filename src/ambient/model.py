@@ -33,6 +33,10 @@ class ModelConfig:
     dropout: float = 0.0
     sigma_data: float = 0.5
     mask_aware: bool = True
+    # DDPM++ backbones (arch ddpmpp-* or songunet, see ambient.ddpmpp): SongUNetConfig fields over the preset
+    songunet: dict | None = None
+    preconditioning: str = "ambient"  # or "reference": the paper's EDMPrecond (imported checkpoints)
+    label_dim: int = 0  # class-conditional: one-hot labels of this many classes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +73,10 @@ class SamplingSpec:
 
 
 def build_denoiser(cfg: ModelConfig) -> Denoiser:
+    from ambient.ddpmpp import SONG_ARCHS, build_song_denoiser
+
+    if cfg.arch in SONG_ARCHS or cfg.preconditioning != "ambient":
+        return build_song_denoiser(cfg)
     backbone = UNetBackbone(BackboneConfig(cfg.arch, cfg.img_channels, cfg.resolution,
                                            cfg.mask_channels, cfg.dropout))
     return Denoiser(backbone, cfg.img_channels, cfg.sigma_data, cfg.mask_aware, cfg.mask_channels)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.backbones import PRESETS
-from ambient.config import OBJECTIVES, PRECISIONS, TrainConfig
+from ambient.config import ARCHS, OBJECTIVES, PRECISIONS, TrainConfig
 from ambient.corruption import PATTERNS
 from ambient.loss import NORMALIZATIONS
 
@@ -24,7 +23,7 @@ TRAIN_OPTIONS = [
     ("mask_full_rgb", bool, "Dust: one draw per pixel for all channels."),
     ("fixed_further", bool, "The paper's variant: Ã fixed per image instead of redrawn each step."),
     ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
-    ("arch", click.Choice(tuple(PRESETS)), "Backbone preset."),
+    ("arch", click.Choice(ARCHS), "Backbone preset: diffusers UNets, or the paper's DDPM++ (ddpmpp-*)."),
     ("batch", int, "Global batch size."),
     ("lr", float, "Adam learning rate (after warm-up)."),
     ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
