@@ -10,7 +10,6 @@ Inception-v3 pool features). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ambient.metrics.features import atomic_write_bytes
+from ambient.io import atomic_write_json
 from ambient.metrics.inception import load_inception
 
 
@@ -70,7 +69,7 @@ def main() -> None:
         parser.error("--batch-sizes and --num-images must be positive")
     print(f"{'batch':>6}  {'images':>7}  {'seconds':>8}  {'img/s':>8}")
     result = bench(sizes, args.num_images, args.device, args.inception)
-    atomic_write_bytes(Path(args.out), (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(Path(args.out), result, sort_keys=False)
     print(f"wrote {args.out}")
 
 

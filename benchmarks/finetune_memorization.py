@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.checkpoint import atomic_write_json, atomic_write_text
 from ambient.corruption import Corruption
 from ambient.data import load_dataset
 from ambient.finetune import (
@@ -53,6 +52,7 @@ from ambient.finetune import (
 )
 from ambient.finetune.loop import resolve_device
 from ambient.images import save_grid, save_png
+from ambient.io import atomic_write_json, atomic_write_text
 from ambient.metrics.features import cached_features
 from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception

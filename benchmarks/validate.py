@@ -44,8 +44,9 @@ from ambient.config import TrainConfig
 from ambient.corruption import Corruption
 from ambient.data import float_to_uint8, load_dataset, load_images
 from ambient.generate import sample_model
+from ambient.io import atomic_save_npz
 from ambient.metrics import compute_kid, fid_from_features, nearest_neighbors, sliced_wasserstein
-from ambient.metrics.features import atomic_save_npz, cached_features
+from ambient.metrics.features import cached_features
 from ambient.metrics.inception import load_inception
 from ambient.metrics.neighbors import pixel_features
 from ambient.model import load_model

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ambient.checkpoint import atomic_write_text
 from ambient.images import make_grid, save_png
+from ambient.io import atomic_write_text
 
 HEADER = "# Validation on Fashion-MNIST: ambient vs naive vs clean training\n"
 

@@ -11,6 +11,7 @@ import torch
 
 from ambient import checkpoint as ckpt
 from ambient.errors import AmbientInputError
+from ambient.statedict import load_state_dict_strict
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -77,7 +78,7 @@ def test_adam_state_and_generator_roundtrip_give_identical_training(tmp_path):
 
     snap = ckpt.load_snapshot(path)
     restored = _tiny_model(seed=99)  # different weights before loading
-    ckpt.load_state_dict_strict(restored, snap.model, path)
+    load_state_dict_strict(restored, snap.model, path)
     opt2 = torch.optim.Adam(restored.parameters(), lr=0.5)
     opt2.load_state_dict(snap.optimizer)
     assert opt2.param_groups[0]["betas"] == (0.8, 0.95) and opt2.param_groups[0]["lr"] == 1e-2
@@ -131,7 +132,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_snapshot(tmp_path):
 def test_load_state_dict_strict_reports_mismatch_in_one_line():
     model = _tiny_model()
     good = {k: v.clone() + 1 for k, v in model.state_dict().items()}
-    ckpt.load_state_dict_strict(model, good, "ok.safetensors")
+    load_state_dict_strict(model, good, "ok.safetensors")
     assert torch.equal(model.state_dict()["0.weight"], good["0.weight"])
     bad = dict(good)
     del bad["2.bias"]
@@ -139,7 +140,7 @@ def test_load_state_dict_strict_reports_mismatch_in_one_line():
     bad["0.weight"] = torch.zeros(3, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AmbientInputError) as info:
-        ckpt.load_state_dict_strict(model, bad, "run/snapshot-000001/model.safetensors")
+        load_state_dict_strict(model, bad, "run/snapshot-000001/model.safetensors")
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith("checkpoint run/snapshot-000001/model.safetensors does not match the model")

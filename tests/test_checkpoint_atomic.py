@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -194,28 +193,3 @@ def test_sigkill_during_saves_leaves_a_complete_snapshot(tmp_path):
         server.wait()
         server.stdout.close()
     assert cut_mid_save >= 3  # the kills really hit saves in progress
-
-
-def test_atomic_write_helpers(tmp_path, monkeypatch):
-    path = tmp_path / "opts.json"
-    ckpt.atomic_write_json(path, {"b": 1, "a": [1.5]})
-    assert json.loads(path.read_text()) == {"a": [1.5], "b": 1}
-    ckpt.atomic_write_text(path, "second")
-    assert path.read_text() == "second"
-    monkeypatch.setattr(os, "replace", _enospc)
-    with pytest.raises(AmbientInputError, match="no space left"):
-        ckpt.atomic_write_bytes(path, b"third")
-    monkeypatch.undo()
-    assert path.read_text() == "second" and os.listdir(tmp_path) == ["opts.json"]
-
-
-def test_append_and_read_jsonl(tmp_path):
-    path = tmp_path / "stats.jsonl"
-    ckpt.append_jsonl(path, {"kimg": 1, "loss": 0.5})
-    with open(path, "a") as f:
-        f.write('{"kimg": 2, "lo')  # a crash in the middle of a line
-    assert ckpt.read_jsonl(path) == [{"kimg": 1, "loss": 0.5}]
-    ckpt.append_jsonl(path, {"kimg": 3})
-    assert path.read_text().count("\n") == 3
-    with pytest.raises(AmbientInputError, match="stats.jsonl: line 2"):
-        ckpt.read_jsonl(path)

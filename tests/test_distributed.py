@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from ambient import distributed as dist_utils
-from ambient.checkpoint import list_snapshots, load_snapshot, read_jsonl
+from ambient.checkpoint import list_snapshots, load_snapshot
 from ambient.cli import main
 from ambient.config import TrainConfig
 from ambient.errors import AmbientInputError
+from ambient.io import read_jsonl
 from ambient.train import train
 from tests.helpers_data import write_npz
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from ambient.checkpoint import latest_snapshot, load_snapshot, read_jsonl
+from ambient.checkpoint import latest_snapshot, load_snapshot
 from ambient.config import TrainConfig
 from ambient.corruption import mix_seed
 from ambient.distributed import compile_regions
+from ambient.io import read_jsonl
 from ambient.loss import AmbientLoss
 from ambient.model import ModelConfig, build_denoiser
 from ambient.train import _INIT, train

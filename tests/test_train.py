@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.checkpoint import latest_snapshot, list_snapshots, load_snapshot, read_jsonl
+from ambient.checkpoint import latest_snapshot, list_snapshots, load_snapshot
 from ambient.config import TrainConfig
 from ambient.errors import AmbientInputError, TrainingDiverged
+from ambient.io import read_jsonl
 from ambient.loss import AmbientLoss
 from ambient.model import load_model
 from ambient.train import EpochOrder, train

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ambient import distributed as dist_utils
-from ambient.errors import AmbientInputError
 from ambient.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
+from ambient.io import atomic_folder
 from ambient.model import LoadedModel
 from ambient.sampling import iter_sample_batches
 
@@ -76,17 +74,8 @@ def write_samples(out: str | os.PathLike, images: torch.Tensor) -> Path:
     if out.suffix == ".npz":
         save_images_npz(out, u8)
     else:
-        if out.exists() and any(out.iterdir()):
-            raise AmbientInputError(f"--out {out}: folder exists and is not empty")
-        tmp = out.with_name(f".tmp-{out.name}-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_folder(out, flag="--out") as tmp:
             save_images_folder(tmp, u8)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise AmbientInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     if len(u8):
         save_grid(grid_path_for(out), u8[:64], nrow=max(1, math.ceil(math.sqrt(min(len(u8), 64)))), padding=1)
     return out

@@ -3,7 +3,7 @@
 Layout rule, so nothing is guessed from sizes: a ``torch.Tensor`` is channels-first
 (CHW, or NCHW for a batch), a ``numpy.ndarray`` is channels-last (HWC / HW, or NHWC / NHW).
 Float tensors are taken to be in [-1, 1] and converted with :func:`float_to_uint8`.
-Every writer is atomic: it writes a temporary file in the target folder, then ``os.replace``.
+Every writer is atomic (:mod:`ambient.io`): a temporary file in the target folder, then a rename.
 
 Decoding (:func:`read_image`): grayscale gives 1 channel, RGB 3; an alpha channel is dropped
 (RGBA -> RGB, LA -> L) without blending; palette and other colour modes become RGB; 16-bit
@@ -15,8 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ambient.errors import AmbientInputError
+from ambient.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -107,34 +107,11 @@ def _batch_to_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
     return _channels_last(images, batched=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> Path:
     """Write one image as PNG (tensor CHW, array HWC/HW; see module doc). Returns the path."""
     arr = _to_hwc(image)
     pil = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    return _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
 
 
 def make_grid(images: torch.Tensor | np.ndarray, nrow: int, padding: int = 0) -> np.ndarray:
@@ -187,7 +164,7 @@ def save_images_npz(path: str | os.PathLike, images: torch.Tensor | np.ndarray,
         if m.size and not np.isin(m, (0, 1)).all():
             raise ValueError("masks must contain only 0 and 1")
         arrays["masks"] = np.ascontiguousarray(m.astype(np.uint8))
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_images_folder(directory: str | os.PathLike, images: torch.Tensor | np.ndarray, *,

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from ambient.backbones import BackboneConfig, UNetBackbone
-from ambient.checkpoint import latest_snapshot, load_snapshot, load_state_dict_strict
+from ambient.checkpoint import latest_snapshot, load_snapshot
 from ambient.config import dataclass_from_dict
 from ambient.corruption import Corruption
 from ambient.denoiser import Denoiser
 from ambient.errors import AmbientInputError
+from ambient.statedict import load_state_dict_strict
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.checkpoint import append_jsonl
 from ambient.errors import AmbientInputError
 from ambient.images import make_grid, save_png
+from ambient.io import append_jsonl
 from ambient.model import SamplingSpec
 from ambient.sampling import ambient_sample
 

@@ -21,21 +21,16 @@ from pathlib import Path
 import torch
 
 from ambient import distributed as dist_utils
-from ambient.checkpoint import (
-    atomic_write_json,
-    latest_snapshot,
-    load_snapshot,
-    load_state_dict_strict,
-    save_snapshot,
-    snapshot_name,
-)
+from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
 from ambient.config import RESUMABLE_CHANGES, TrainConfig
 from ambient.corruption import Corruption, mix_seed
 from ambient.data import ImageDataset, augment_batch, load_dataset
 from ambient.errors import AmbientInputError, TrainingDiverged
+from ambient.io import atomic_write_json
 from ambient.loss import AmbientLoss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 from ambient.outdir import RunLogger, check_writable, write_grid_pair
+from ambient.statedict import load_state_dict_strict
 
 _ORDER, _STEP, _INIT = 0x0DE7, 0x57E9, 0x1417
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from ambient import __version__
-from ambient.checkpoint import atomic_write_json
 from ambient.corruption import Corruption
 from ambient.denoiser import MaskDenoiser
 from ambient.errors import AmbientInputError
@@ -42,6 +41,7 @@ from ambient.finetune.objective import (
     x0_from_output,
 )
 from ambient.finetune.pretrained import EMBEDDING_FILE, MaskedUNet, load_embedding, unet_class
+from ambient.io import atomic_write_json
 
 SPACINGS = ("linear", "karras")
 KIND = "finetune"

@@ -20,15 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ambient.checkpoint import (
-    append_jsonl,
-    atomic_write_json,
-    latest_snapshot,
-    load_snapshot,
-    load_state_dict_strict,
-    save_snapshot,
-    snapshot_name,
-)
+from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
 from ambient.corruption import mix_seed
 from ambient.data import ImageDataset, augment_batch, load_dataset
 from ambient.distributed import resolve_device
@@ -43,6 +35,8 @@ from ambient.finetune.pretrained import (
     load_pretrained,
     unet_class,
 )
+from ambient.io import append_jsonl, atomic_write_json
+from ambient.statedict import load_state_dict_strict
 
 _ORDER_STREAM, _STEP_STREAM = 0x0DE7, 0x57E9
 

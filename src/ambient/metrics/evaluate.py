@@ -12,7 +12,6 @@ metrics, writes the outputs and returns the result, the other ranks return ``Non
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 from ambient import distributed as dist_utils
 from ambient.errors import AmbientInputError
 from ambient.images import save_png
-from ambient.metrics.features import atomic_write_bytes, cached_features
+from ambient.io import atomic_write_json
+from ambient.metrics.features import cached_features
 from ambient.metrics.fid import (
     FeatureSet,
     compute_fid,
@@ -39,9 +39,8 @@ from ambient.metrics.swd import sliced_wasserstein
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    return atomic_write_bytes(path, text.encode())
+    """Write ``obj`` as indented JSON (keys in order, no NaN), atomically."""
+    return atomic_write_json(path, obj, sort_keys=False, allow_nan=False)
 
 
 def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.Tensor:

@@ -13,7 +13,6 @@ the cache, and the other ranks get ``None`` back.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from collections.abc import Callable
@@ -24,8 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ambient import checkpoint
 from ambient.distributed import DistEnv
+from ambient.io import atomic_save_npz
 from ambient.metrics.inception import cache_dir, to_uint8
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -37,21 +36,6 @@ def images_sha256(images: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{arr.dtype}{arr.shape}".encode())
     digest.update(arr.tobytes())
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: to a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_bytes(path, data)
-    return path
-
-
-def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """Write an npz file atomically: to a temp file in the same folder, then os.replace."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def compute_features(

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.linalg
 
 from ambient.errors import AmbientInputError
-from ambient.metrics.features import atomic_save_npz
+from ambient.io import atomic_save_npz
 
 
 @dataclass

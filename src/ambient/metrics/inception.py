@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 import urllib.request
 import warnings
 from functools import lru_cache
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 
 from ambient.errors import AmbientInputError
 from ambient.images import float_to_uint8
+from ambient.io import atomic_write
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -96,24 +95,22 @@ def _wheel_file() -> Path | None:
 
 def _download(dest: Path, timeout: float = 30.0) -> Path:
     """Fetch the weights into ``dest`` (atomically, checked); a clear error when offline."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".inception-", suffix=".part")
+    def copy_checked(out) -> None:  # a file with another sha256 never reaches ``dest``
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(DOWNLOAD_URL, timeout=timeout) as resp:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != DEFAULT_SHA256:
+            raise AmbientInputError(f"downloaded Inception weights: unknown sha256 {digest.hexdigest()}; {HOW_TO_GET}")
+
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(DOWNLOAD_URL, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out)
-        digest = file_sha256(tmp)
-        if digest != DEFAULT_SHA256:
-            raise AmbientInputError(f"downloaded Inception weights: unknown sha256 {digest}; {HOW_TO_GET}")
-        os.replace(tmp, dest)
-    except OSError as exc:
-        raise AmbientInputError(
-            f"Inception weights not found locally and the download failed ({exc.__class__.__name__}); "
-            f"{HOW_TO_GET}"
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+        return atomic_write(dest, copy_checked)
+    except AmbientInputError as exc:
+        if not isinstance(exc.__cause__, OSError):  # the sha256 check
+            raise
+        raise AmbientInputError(f"Inception weights not found locally and the download failed "
+                                f"({exc.__cause__.__class__.__name__}); {HOW_TO_GET}") from None
 
 
 def find_inception_weights(path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
