@@ -233,7 +233,8 @@ def test_a_few_finetune_steps_reduce_the_loss(tmp_path):
     cfg = FinetuneConfig(pretrained=str(pre), data=save_npz(tmp_path / "d.npz"), outdir=str(tmp_path / "out"),
                          corruption_probability=0.4, delta_probability=0.2, steps=40, batch=8, lr=2e-3,
                          ema=0.0, log_every=5)
-    ds, corr = load_data(cfg), cfg.corruption()
+    cfg, ds = load_data(cfg)
+    corr = cfg.corruption()
     net0, sched = build_model(cfg)
     loss_fn = FinetuneLoss(alphas_cumprod(sched), "epsilon", "direct")
     before = _fixed_loss(net0, loss_fn, ds, corr)

@@ -27,6 +27,9 @@ def dataclass_from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+# ``--resume`` without a value: the latest snapshot in --outdir (an error if there is none).
+RESUME_LATEST = "latest"
+
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = frozenset({"kimg", "snapshot_kimg", "tick_kimg", "grid_samples", "outdir", "resume",
                                "device", "max_nonfinite", "compile"})
@@ -44,7 +47,7 @@ class TrainConfig:
     corruption_pattern: str = "dust"
     corruption_probability: float = 0.0
     delta_probability: float = 0.1
-    mask_full_rgb: bool = False
+    mask_full_rgb: bool | None = None  # None: from the data's masks (see data.resolve_mask_full_rgb)
     fixed_further: bool = False
     objective: str = "ambient"
     arch: str = "small"
@@ -80,7 +83,7 @@ class TrainConfig:
     @property
     def corruption(self) -> Corruption:
         return Corruption(self.corruption_pattern, self.corruption_probability, self.delta_probability,
-                          self.mask_full_rgb)
+                          bool(self.mask_full_rgb))
 
     def validate(self) -> TrainConfig:
         """Raise AmbientInputError naming the flag of the first bad value."""
@@ -106,6 +109,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 bad(name, f"must be >= 0, got {v!r}")
+        if self.mask_full_rgb not in (None, True, False):
+            bad("mask_full_rgb", f"must be true, false or null (from the data), got {self.mask_full_rgb!r}")
         if not 0.0 <= self.augment <= 1.0:
             bad("augment", f"must be a probability in [0, 1], got {self.augment!r}")
         if not 0.0 <= self.dropout < 1.0:

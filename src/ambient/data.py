@@ -45,7 +45,7 @@ from ambient.images import float_to_uint8, images_uint8_to_float
 from ambient.readers import read_source
 
 __all__ = [
-    "ImageDataset", "load_dataset", "load_images", "augment_batch",
+    "ImageDataset", "load_dataset", "load_images", "augment_batch", "resolve_mask_full_rgb",
     "images_uint8_to_float", "float_to_uint8",
 ]
 
@@ -93,6 +93,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.source = str(source)
         self.cache_masks = bool(cache_masks)
         self._cache: tuple | None = None  # (corruption, seed, masks uint8, drawn bool (N,))
+        self._mask_law: str | None = None
 
     # ------------------------------------------------------------------ shape facts
     def __len__(self) -> int:
@@ -127,6 +128,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def has_data_masks(self) -> bool:
         """True when A came with the data (never drawn)."""
         return self.masks is not None
+
+    @property
+    def mask_law(self) -> str | None:
+        """How the data's masks treat the channels of a pixel: ``"pixel"`` when every channel of a
+        pixel has the same value in every mask (always so for one channel), ``"channel"`` when they
+        differ somewhere; None when A does not come with the data."""
+        if self.masks is None:
+            return None
+        if self._mask_law is None:
+            self._mask_law = "pixel" if bool((self.masks == self.masks[:, :1]).all()) else "channel"
+        return self._mask_law
 
     @property
     def observed_share(self) -> float:
@@ -217,6 +229,28 @@ def load_images(spec: str, data_dir: str | os.PathLike | None = None, max_size: 
     """The images of ``spec`` as uint8 (N, C, H, W), as stored (no masks applied), e.g. for metrics."""
     return torch.from_numpy(read_source(spec, data_dir=data_dir, max_size=max_size,
                                         resolution=resolution).images)
+
+
+def resolve_mask_full_rgb(explicit: bool | None, data: ImageDataset, saved: bool | None = None,
+                          flag: str = "--mask-full-rgb") -> tuple[bool, str]:
+    """The mask law of a run: (full_rgb, why). ``full_rgb`` True means Ã and the sampler's masks are
+    drawn per pixel (one draw for all channels), False per channel.
+
+    Order: an explicit flag, else the law a resumed run was trained with (``saved``), else the
+    data's own masks (:attr:`ImageDataset.mask_law`), else per channel (the dust default). A
+    per-pixel flag on masks that differ between the channels of a pixel is refused.
+    """
+    law = data.mask_law
+    if explicit is not None:
+        if explicit and law == "channel":
+            raise AmbientInputError(f"{flag}: the masks of {data.source or 'the data'} differ between the "
+                                    "channels of a pixel, so per-pixel masks contradict them; drop the flag")
+        return bool(explicit), f"per {'pixel' if explicit else 'channel'} ({flag if explicit else '--no-' + flag[2:]})"
+    if saved is not None:
+        return bool(saved), f"per {'pixel' if saved else 'channel'} (as the resumed run was trained)"
+    if law is not None:
+        return law == "pixel", f"per {law} (from the data's masks)"
+    return False, "per channel (drawn masks, the default)"
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor | None, prob: float,

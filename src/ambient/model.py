@@ -9,7 +9,8 @@ EMA weights by default. A training outdir resolves to its latest snapshot.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +54,9 @@ class SamplingSpec:
 
     corruption: Corruption
     data_survival: float | None = None  # A came with the data: its measured observed share
+    # False for runs saved before the mask law was recorded (``mask_law`` in config.json): their
+    # masks follow ``corruption.mask_full_rgb`` as they did then (per channel unless the flag was given).
+    mask_law_recorded: bool = True
 
     def sampler_kwargs(self) -> dict:
         """Keyword arguments of :func:`ambient.sampling.ambient_sample` that reproduce the mask law."""
@@ -65,12 +69,31 @@ class SamplingSpec:
         c = self.corruption
         return self.data_survival is not None or c.p > 0 or c.delta > 0
 
+    @property
+    def mask_law(self) -> str:
+        """"pixel" (one mask draw for all channels of a pixel) or "channel"."""
+        return "pixel" if self.corruption.mask_full_rgb else "channel"
+
+    def legacy_notice(self, img_channels: int, where: str) -> str | None:
+        """A one-line notice for an old colour run with data masks whose mask law was not recorded."""
+        if self.mask_law_recorded or self.data_survival is None or img_channels == 1:
+            return None
+        return (f"notice: {where} was saved before mask laws were recorded; its sampler draws masks per "
+                f"{self.mask_law} as it was trained (new runs take the law from the data's masks)")
+
     def to_dict(self) -> dict:
-        return {"corruption": self.corruption.to_dict(), "data_survival": self.data_survival}
+        return {"corruption": self.corruption.to_dict(), "data_survival": self.data_survival,
+                "mask_law": self.mask_law}
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingSpec:
-        return cls(Corruption.from_dict(d["corruption"]), d.get("data_survival"))
+        corruption = Corruption.from_dict(d["corruption"])
+        law = d.get("mask_law")
+        if law is not None:
+            if law not in ("pixel", "channel"):
+                raise ValueError(f"mask_law must be 'pixel' or 'channel', got {law!r}")
+            corruption = replace(corruption, mask_full_rgb=law == "pixel")
+        return cls(corruption, d.get("data_survival"), law is not None)
 
 
 def build_denoiser(cfg: ModelConfig) -> Denoiser:
@@ -121,7 +144,15 @@ def _load_finetuned(p: Path, device) -> LoadedModel:
     den = load_finetuned(p, device=device)
     cfg = __import__("json").loads((p / "config.json").read_text())
     spec = SamplingSpec.from_dict(cfg["sampling"])
-    return LoadedModel(den, None, spec, cfg, p, tuple(int(v) for v in cfg["model"]["image_shape"]))
+    shape = tuple(int(v) for v in cfg["model"]["image_shape"])
+    _notify_legacy(spec, shape[0], p)
+    return LoadedModel(den, None, spec, cfg, p, shape)
+
+
+def _notify_legacy(spec: SamplingSpec, img_channels: int, where: Path) -> None:
+    notice = spec.legacy_notice(img_channels, str(where))
+    if notice:
+        print(notice, file=sys.stderr)
 
 
 def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
@@ -149,4 +180,5 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | t
                                                      "model.safetensors"))
     den.to(device).eval().requires_grad_(False)
     shape = (model_cfg.img_channels, model_cfg.resolution, model_cfg.resolution)
+    _notify_legacy(spec, model_cfg.img_channels, snap_dir)
     return LoadedModel(den, model_cfg, spec, cfg, snap_dir, shape)

@@ -15,16 +15,16 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ambient import distributed as dist_utils
 from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
-from ambient.config import RESUMABLE_CHANGES, TrainConfig
+from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.corruption import Corruption, mix_seed
-from ambient.data import ImageDataset, augment_batch, load_dataset
+from ambient.data import ImageDataset, augment_batch, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.io import atomic_write_json
 from ambient.loss import AmbientLoss
@@ -79,6 +79,11 @@ def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
 
 
 def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
+    if cfg.resume == RESUME_LATEST:
+        snap = latest_snapshot(outdir) if outdir.is_dir() else None
+        if snap is None:
+            raise AmbientInputError(f"--resume: --outdir {outdir} holds no snapshot to resume from")
+        return snap
     if cfg.resume:
         p = Path(cfg.resume)
         if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
@@ -88,6 +93,30 @@ def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
             raise AmbientInputError(f"--resume {p}: no snapshot to resume from")
         return snap
     return latest_snapshot(outdir) if outdir.is_dir() else None
+
+
+def _saved_mask_full_rgb(source: Path | None) -> bool | None:
+    """The mask law a run to be resumed was trained with (None: no such run)."""
+    if source is None:
+        return None
+    try:
+        value = json.loads((source / "config.json").read_text()).get("train", {}).get("mask_full_rgb")
+    except (OSError, ValueError, AttributeError):
+        return None  # load_snapshot reports a broken snapshot with its own message
+    return value if isinstance(value, bool) else None
+
+
+def _load_data_with_law(cfg: TrainConfig, source: Path | None) -> tuple[TrainConfig, ImageDataset, str]:
+    """Load the data and fix the run's mask law (see :func:`ambient.data.resolve_mask_full_rgb`);
+    returns the config with ``mask_full_rgb`` resolved to a bool, the data and the law's reason."""
+    saved = _saved_mask_full_rgb(source)
+    hint = cfg.mask_full_rgb if cfg.mask_full_rgb is not None else saved  # draws A when the data has no masks
+    drawn = replace(cfg, mask_full_rgb=bool(hint))
+    data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
+                        corruption=drawn.corruption if cfg.objective == "ambient" else _naive_corruption(drawn),
+                        seed=cfg.seed)
+    full_rgb, why = resolve_mask_full_rgb(cfg.mask_full_rgb, data, saved)
+    return replace(cfg, mask_full_rgb=full_rgb), data, why
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:
@@ -120,15 +149,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
     env = dist_utils.init_from_env(cfg.device)
     device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
-    data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
-                        corruption=cfg.corruption if cfg.objective == "ambient" else _naive_corruption(cfg),
-                        seed=cfg.seed)
+    source = _resume_source(cfg, outdir)
+    cfg, data, law = _load_data_with_law(cfg, source)
+    if env.rank == 0 and data.has_data_masks and data.channels > 1 and cfg.objective == "ambient":
+        log(f"mask law: {law}")
     model_cfg = model_config_for(cfg, data)
     spec = sampling_spec_for(cfg, data)
     run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
                   "data": {"num_images": len(data), "shape": list(data.shape),
                            "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
-    source = _resume_source(cfg, outdir)
     if env.rank == 0:
         check_writable(outdir)
     state = TrainState()
@@ -252,6 +281,17 @@ def _naive_corruption(cfg: TrainConfig) -> Corruption:
 
 
 def dry_run(cfg: TrainConfig) -> str:
-    """The resolved configuration as JSON, without loading data or writing anything."""
+    """The resolved configuration as JSON, writing nothing.
+
+    The mask law (``mask_full_rgb``) is resolved as training would resolve it, which reads the data;
+    data that cannot be read now leaves it null, with the reason under ``mask_law``.
+    """
     cfg.validate()
-    return json.dumps(cfg.to_dict(), indent=2)
+    outdir = Path(cfg.outdir)
+    try:
+        cfg, _, law = _load_data_with_law(cfg, _resume_source(cfg, outdir))
+    except AmbientInputError as exc:
+        why = " ".join(str(exc).split())
+        law = (f"from the data's masks, once the data can be read ({why})" if cfg.mask_full_rgb is None else
+               f"per {'pixel' if cfg.mask_full_rgb else 'channel'} (flag; the data could not be read: {why})")
+    return json.dumps({**cfg.to_dict(), "mask_law": law}, indent=2)

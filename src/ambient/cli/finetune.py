@@ -21,7 +21,9 @@ from ambient.corruption import PATTERNS
               help="p in [0, 1): what the mask A hides (see ambient.corruption).")
 @click.option("--delta-probability", type=float, default=0.0, show_default=True,
               help="δ in [0, 1): what the further mask Ã hides on top of A.")
-@click.option("--mask-full-rgb", is_flag=True, help="Dust: one draw per pixel for all channels.")
+@click.option("--mask-full-rgb/--no-mask-full-rgb", default=None,
+              help="One mask draw per pixel for all its channels (Ã, the sampler's masks, drawn dust A). "
+                   "Default: as the data's masks (per pixel when they agree across channels), else per channel.")
 @click.option("--mask-mode", type=click.Choice(["channels", "input"]), default="channels", show_default=True,
               help="channels: mask as extra zero-initialised input channels; input: it only zeroes "
                    "the input.")

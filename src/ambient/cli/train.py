@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.config import ARCHS, OBJECTIVES, PRECISIONS, TrainConfig
+from ambient.config import ARCHS, OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
 from ambient.corruption import PATTERNS
 from ambient.loss import NORMALIZATIONS
 
@@ -20,7 +20,9 @@ TRAIN_OPTIONS = [
     ("corruption_probability", float, "p: what the mask A hides (share of pixels for dust)."),
     ("delta_probability", float, "δ: what the further mask Ã hides on top of A."),
     ("corruption_pattern", click.Choice(PATTERNS), "Mask family."),
-    ("mask_full_rgb", bool, "Dust: one draw per pixel for all channels."),
+    ("mask_full_rgb", bool, "One mask draw per pixel for all its channels (Ã, the sampler's masks, drawn dust A). "
+                            "Default: as the data's masks (per pixel when they agree across channels), else per "
+                            "channel."),
     ("fixed_further", bool, "The paper's variant: Ã fixed per image instead of redrawn each step."),
     ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
     ("arch", click.Choice(ARCHS), "Backbone preset: diffusers UNets, or the paper's DDPM++ (ddpmpp-*)."),
@@ -64,8 +66,9 @@ def train_options(func):
 
 @click.command("train")
 @train_options
-@click.option("--resume", "resume", type=str, default=None,
-              help="Snapshot or outdir to resume from (default: the outdir's latest snapshot, if any).")
+@click.option("--resume", "resume", type=str, default=None, is_flag=False, flag_value=RESUME_LATEST,
+              help="Snapshot or outdir to resume from; bare --resume: the latest snapshot in --outdir (an error "
+                   "if there is none). Default: the outdir's latest snapshot, if any.")
 @click.option("--dry-run", "--dry_run", "dry_run", is_flag=True, help="Print the resolved config; write nothing.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train_command(dry_run: bool, progress: bool, **kwargs):

@@ -33,7 +33,7 @@ class FinetuneConfig:
     corruption_pattern: str = "dust"
     corruption_probability: float = 0.0
     delta_probability: float = 0.0
-    mask_full_rgb: bool = False
+    mask_full_rgb: bool | None = None  # None: from the data's masks (see data.resolve_mask_full_rgb)
     mask_mode: str = "channels"
     hidden_x0: str = "direct"
     loss_weight: str = "min-snr"
@@ -64,7 +64,7 @@ class FinetuneConfig:
 
     def corruption(self) -> Corruption:
         return Corruption(self.corruption_pattern, self.corruption_probability, self.delta_probability,
-                          self.mask_full_rgb)
+                          bool(self.mask_full_rgb))
 
     def validate(self) -> FinetuneConfig:
         """Raise AmbientInputError (one line, naming the flag) for a bad value; return self."""

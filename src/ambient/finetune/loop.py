@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
 from ambient.corruption import mix_seed
-from ambient.data import ImageDataset, augment_batch, load_dataset
+from ambient.data import ImageDataset, augment_batch, load_dataset, resolve_mask_full_rgb
 from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import IDENTITY_KEYS, FinetuneConfig
@@ -41,9 +42,11 @@ from ambient.statedict import load_state_dict_strict
 _ORDER_STREAM, _STEP_STREAM = 0x0DE7, 0x57E9
 
 
-def load_data(config: FinetuneConfig) -> ImageDataset:
-    """The finetuning images with their masks A (drawn per index, or from the data)."""
-    corr = config.corruption()
+def load_data(config: FinetuneConfig, saved_full_rgb: bool | None = None) -> tuple[FinetuneConfig, ImageDataset]:
+    """The finetuning images with their masks A (drawn per index, or from the data), and the config with
+    its mask law resolved (:func:`ambient.data.resolve_mask_full_rgb`; ``saved_full_rgb``: a resumed run's)."""
+    hint = config.mask_full_rgb if config.mask_full_rgb is not None else saved_full_rgb
+    corr = replace(config, mask_full_rgb=bool(hint)).corruption()
     ds = load_dataset(config.data, data_dir=config.data_dir, max_size=config.max_size,
                       resolution=config.resolution, corruption=corr if corr.p > 0 else None, seed=config.seed)
     if ds.has_data_masks:
@@ -51,7 +54,8 @@ def load_data(config: FinetuneConfig) -> ImageDataset:
             raise AmbientInputError(f"--corruption-probability {corr.p}: the data {config.data} comes with "
                                     "masks; leave it at 0")
         ds.corruption = corr  # kept for δ only; never draws A
-    return ds
+    full_rgb, _ = resolve_mask_full_rgb(config.mask_full_rgb, ds, saved_full_rgb)
+    return replace(config, mask_full_rgb=full_rgb), ds
 
 
 def build_model(config: FinetuneConfig, flag: str = "--pretrained"):
@@ -119,11 +123,12 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
     log = log or (lambda _msg: None)
     outdir = Path(config.outdir)
     device = resolve_device(config.device)
-    ds = load_data(config)
     snap_dir = latest_snapshot(outdir) if config.resume else None
-    if snap_dir is not None:
-        snap = load_snapshot(snap_dir)
-        old = snap.config.get("finetune", {})
+    snap = load_snapshot(snap_dir) if snap_dir is not None else None
+    old = snap.config.get("finetune", {}) if snap is not None else {}
+    saved_full_rgb = old.get("mask_full_rgb") if isinstance(old.get("mask_full_rgb"), bool) else None
+    config, ds = load_data(config, saved_full_rgb)
+    if snap is not None:
         diff = [k for k in IDENTITY_KEYS if old.get(k) != getattr(config, k)]
         if diff:
             raise AmbientInputError(f"--outdir {outdir}: holds a run with different {', '.join(diff)}; "
