@@ -178,6 +178,20 @@ def test_resume_on_empty_folder_and_sampling_a_non_model(tmp_path, capsys):
     assert code == 2 and "--model" in err and not (tmp_path / "s.npz").exists()
 
 
+def test_bare_resume_means_the_latest_snapshot_in_outdir(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--outdir", str(out), "--corruption-probability", "0.5", *TINY]
+    code, _, err = run([*args, "--kimg", "0.016", "--resume"], capsys)  # nothing to resume yet
+    assert code == 2 and "--resume" in err and str(out) in err and len(err.strip().splitlines()) == 1
+    assert run([*args, "--kimg", "0.016"], capsys)[0] == 0
+    code, _, err = run([args[0], "--resume", *args[1:], "--kimg", "0.032"], capsys)  # bare, mid-command
+    assert code == 0, err
+    assert f"resuming from {out / 'snapshot-000002'}" in err and (out / "snapshot-000004").is_dir()
+    code, _, err = run([*args, "--kimg", "0.048", "--resume", str(out / "snapshot-000002")], capsys)
+    assert code == 0 and f"resuming from {out / 'snapshot-000002'}" in err
+
+
 def test_guidance_needs_two_masks(tmp_path, capsys):
     code, _, err = run(["sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "s.npz"),
                         "--guidance-scale", "1"], capsys)

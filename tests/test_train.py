@@ -115,3 +115,17 @@ def test_resume_from_empty_folder_is_refused(tmp_path, npz):
     with pytest.raises(AmbientInputError, match="--resume"):
         train(TrainConfig(outdir=str(tmp_path / "run"), data=npz, resume=str(tmp_path / "empty"), **BASE),
               progress=False)
+
+
+def test_run_shorter_than_a_tick_still_logs_its_steps(tmp_path, npz):
+    """stats.jsonl gets a final row at the end of every run, also one shorter than --tick-kimg,
+    and a run ending on a tick gets no duplicate row."""
+    out = tmp_path / "short"
+    train(TrainConfig(outdir=str(out), data=npz, kimg=0.024, **dict(BASE, tick_kimg=1.0)), progress=False)
+    rows = read_jsonl(out / "stats.jsonl")
+    assert [r["kimg"] for r in rows] == [0.024] and np.isfinite(rows[0]["loss"])
+    train(TrainConfig(outdir=str(out), data=npz, kimg=0.04, **dict(BASE, tick_kimg=1.0)), progress=False)
+    assert [r["kimg"] for r in read_jsonl(out / "stats.jsonl")] == [0.024, 0.04]
+    on_tick = tmp_path / "on_tick"
+    train(TrainConfig(outdir=str(on_tick), data=npz, kimg=0.032, **BASE), progress=False)
+    assert [r["kimg"] for r in read_jsonl(on_tick / "stats.jsonl")] == [0.016, 0.032]

@@ -64,7 +64,11 @@ def write_grid_pair(path: Path, real: torch.Tensor, denoiser, spec: SamplingSpec
 
 
 class RunLogger:
-    """stats.jsonl per tick, TensorBoard scalars when tensorboard is installed, a tqdm bar."""
+    """stats.jsonl per tick, TensorBoard scalars when tensorboard is installed, a tqdm bar.
+
+    :meth:`close` writes the steps since the last tick as a final row, so every run that took a
+    step (even one shorter than a tick) ends with a line in stats.jsonl.
+    """
 
     def __init__(self, outdir: Path, *, enabled: bool, progress: bool, total_nimg: int, start_nimg: int):
         self.enabled = enabled
@@ -72,6 +76,7 @@ class RunLogger:
         self.tb = None
         self.bar = None
         self._reset_tick(time.perf_counter(), start_nimg)
+        self._last: tuple[int, int, float] | None = None  # (nimg, skipped, lr) of the latest step
         if not enabled:
             return
         try:
@@ -95,10 +100,13 @@ class RunLogger:
         if not self.enabled:
             return
         self.losses.append(loss)
+        self._last = (nimg, skipped, lr)
         if self.bar is not None:
             self.bar.update(batch / 1000)
-        if nimg - self.tick_nimg < tick_nimg:
-            return
+        if nimg - self.tick_nimg >= tick_nimg:
+            self._write_row(nimg, skipped, lr)
+
+    def _write_row(self, nimg: int, skipped: int, lr: float) -> None:
         now = time.perf_counter()
         finite = [v for v in self.losses if math.isfinite(v)]
         row = {"kimg": round(nimg / 1000, 4), "loss": float(np.mean(finite)) if finite else None,
@@ -127,6 +135,9 @@ class RunLogger:
             print(message, file=sys.stderr)
 
     def close(self) -> None:
+        """Write the pending partial tick (if any step was not logged yet) and close the writers."""
+        if self.enabled and self.losses and self._last is not None:
+            self._write_row(*self._last)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
