@@ -9,13 +9,32 @@ import click
 from ambient.sampling import CLIPS, SOLVERS
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (ranges inclusive), in the order given."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())):
+            raise click.BadParameter(f"{part!r} is not a seed or a range a-b (e.g. 0-49999 or 0,5,10-19)",
+                                     param_hint="--seeds")
+        if dash and int(hi) < int(lo):
+            raise click.BadParameter(f"range {part!r} ends before it starts", param_hint="--seeds")
+        seeds.extend(range(int(lo), int(hi if dash else lo) + 1))
+    return seeds
+
+
 @click.command("sample")
-@click.option("--model", "model", required=True, help="Training outdir (its latest snapshot) or a snapshot folder.")
-@click.option("--num-images", "--num", "num", type=click.IntRange(min=1), required=True,
+@click.option("--model", "--network", "model", required=True,
+              help="Training outdir (its latest snapshot), a snapshot folder, or an imported model (ambient import).")
+@click.option("--num-images", "--num", "num", type=click.IntRange(min=1), default=None,
               help="Number of images (--num-images also works under torchrun, whose parser would read --num "
                    "as its own --numa-binding).")
-@click.option("--out", required=True, help="A folder (PNGs) or a .npz (key 'images', N×H×W×C uint8).")
-@click.option("--seed", type=int, default=0, show_default=True, help="First seed; image i uses seed+i.")
+@click.option("--out", "--outdir", "out", required=True,
+              help="A folder (PNGs) or a .npz (key 'images', N×H×W×C uint8).")
+@click.option("--seed", type=int, default=None, help="First seed; image i uses seed+i.  [default: 0]")
+@click.option("--seeds", "seeds_text", default=None,
+              help="Seed list instead of --seed/--num: 0-49999 or 0,5,10-19; image i uses the i-th seed.")
 @click.option("--steps", type=click.IntRange(min=1), default=18, show_default=True, help="Sampler steps.")
 @click.option("--num-masks", "--num_masks", "num_masks", type=click.IntRange(min=1), default=1,
               show_default=True, help="Masks per sample whose predictions are averaged.")
@@ -27,24 +46,32 @@ from ambient.sampling import CLIPS, SOLVERS
               help="Clip each prediction: static to [-1, 1], dynamic (0.99 percentile).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--device", default="auto", show_default=True)
-def sample_command(model, num, out, seed, steps, num_masks, guidance_scale, batch, solver, clip, ema, device):
+def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance_scale, batch, solver, clip, ema,
+                   device):
     """Generate images from a trained model with the ambient sampler."""
     import torch
 
     from ambient.generate import sample_distributed, write_samples
     from ambient.model import load_model
 
+    if seeds_text is not None:
+        if num is not None or seed is not None:
+            raise click.BadParameter("give either --seeds or --seed/--num-images, not both", param_hint="--seeds")
+        seeds = parse_seeds(seeds_text)
+    elif num is None:
+        raise click.UsageError("Missing option '--num-images' (or give --seeds)")
+    else:
+        seeds = list(range(seed or 0, (seed or 0) + num))
     if guidance_scale > 0 and num_masks < 2:
         raise click.BadParameter("needs --num-masks >= 2", param_hint="--guidance-scale")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_model(model, use_ema=ema, device=dev)
-    seeds = list(range(seed, seed + num))
     images = sample_distributed(loaded, seeds, batch=batch, num_steps=steps, num_masks=num_masks,
                                 guidance_scale=guidance_scale, solver=solver, clip=clip, device=dev,
                                 progress=True)
     if images is not None:
         path = write_samples(Path(out), images)
-        click.echo(f"wrote {num} images to {path}")
+        click.echo(f"wrote {len(seeds)} images to {path}")
 
 
 def register(group: click.Group) -> None:
