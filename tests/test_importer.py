@@ -150,3 +150,16 @@ def test_tensor_past_its_storage_is_refused(tmp_path):
     (tmp_path / "bad.pkl").write_bytes(bad)
     with pytest.raises(safe_pickle.RefusedPickle, match="past its storage"):
         safe_pickle.load(tmp_path / "bad.pkl")
+
+
+@needs_fixtures
+def test_sampling_mask_law_from_flags(no_payload_here):
+    from ambient.corruption import Corruption
+
+    plain = load_model(import_checkpoint(FIXTURES / "ambient-format.pkl", no_payload_here / "a"))
+    assert not plain.sampling.uses_masks  # the fixture's dataset_kwargs record no corruption
+    law = {"corruption_probability": 0.9, "delta_probability": 0.1, "mask_full_rgb": True, "corruption_pattern": None}
+    loaded = load_model(import_checkpoint(FIXTURES / "ambient-format.pkl", no_payload_here / "b", corruption=law))
+    assert loaded.sampling.corruption == Corruption("dust", 0.9, 0.1, True)
+    with pytest.raises(AmbientInputError, match="already exists"):
+        import_checkpoint(FIXTURES / "ambient-format.pkl", no_payload_here / "b")

@@ -165,8 +165,12 @@ def _load_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], source) ->
 
 
 def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
-                      training_options: str | os.PathLike | None = None) -> Path:
-    """Read ``pkl`` (and ``training_options.json``), check the weights load, write the model folder ``out``."""
+                      training_options: str | os.PathLike | None = None, corruption: dict | None = None) -> Path:
+    """Read ``pkl`` (and ``training_options.json``), check the weights load, write the model folder ``out``.
+
+    ``corruption`` (keys of the reference's dataset_kwargs: corruption_probability, delta_probability,
+    corruption_pattern, mask_full_rgb) overrides what the checkpoint records, for the sampler's masks.
+    """
     from ambient.checkpoint import save_snapshot
     from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 
@@ -198,10 +202,12 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
                             preconditioning="reference", label_dim=song.label_dim)
     den = build_denoiser(model_cfg)
     _load_exact(den, sd, pkl)
-    spec = SamplingSpec(sampling_corruption(ckpt["dataset_kwargs"]) if mask_channels else Corruption())
+    law = {**ckpt["dataset_kwargs"], **{k: v for k, v in (corruption or {}).items() if v is not None}}
+    spec = SamplingSpec(sampling_corruption(law) if mask_channels else Corruption())
     digest = hashlib.sha256(Path(pkl).read_bytes()).hexdigest()
     config = {"model": model_cfg.to_dict(), "sampling": spec.to_dict(),
               "imported": {"source": str(Path(pkl).resolve()), "sha256": digest, "format": ckpt["format"],
                            "dataset_kwargs": _jsonable(ckpt["dataset_kwargs"]),
+                           "corruption_overrides": _jsonable(corruption or {}),
                            "network_kwargs": _jsonable({**ckpt["init_kwargs"], **options})}}
     return save_snapshot(out, config=config, model={k: v.contiguous() for k, v in den.state_dict().items()})
