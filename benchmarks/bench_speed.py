@@ -4,7 +4,12 @@
     python benchmarks/bench_speed.py --quick    # ~2 min
     python benchmarks/bench_speed.py --threads 1   # when another job holds a core (see docs/speed.md)
 
-For each backbone (tiny, small at 1×28×28; ddpmpp32 at 3×32×32) it times one training step
+The paper's DDPM++ (gated and ungated, CIFAR-10 layout, batch 4) beside the diffusers preset, at the
+configuration of the reference code's anchor (REFERENCE_IMG_S):
+
+    python benchmarks/bench_speed.py --archs ddpmpp32,ddpmpp-cifar,ddpmpp-cifar-ungated --threads 2
+
+For each backbone (tiny, small at 1×28×28; ddpmpp32, ddpmpp-cifar[-ungated] at 3×32×32) it times one training step
 (loss, backward, gradient clipping, Adam) in fp32, bf16 autocast and channels_last; counts the
 FLOPs of a forward+backward with ``FlopCounterMode`` and divides by the fp32 step time
 (achieved FLOP/s; MFU = that / the fp32 matmul peak); times an ambient step against a plain
@@ -36,7 +41,11 @@ from ambient.model import ModelConfig, build_denoiser
 from ambient.sampling import ambient_sample
 
 # arch: (channels, resolution, batch, batch in --quick)
-SETTINGS = {"tiny": (1, 28, 64, 32), "small": (1, 28, 64, 32), "ddpmpp32": (3, 32, 16, 4)}
+SETTINGS = {"tiny": (1, 28, 64, 32), "small": (1, 28, 64, 32), "ddpmpp32": (3, 32, 16, 4),
+            "ddpmpp-cifar": (3, 32, 4, 4), "ddpmpp-cifar-ungated": (3, 32, 4, 4)}
+# The reference code's own speed (giannisdaras/ambient-diffusion, CIFAR-10 DDPM++ config, batch 4, fp32,
+# 2 threads, one training step), measured on this CPU for issue 17: img/s our rows must reach.
+REFERENCE_IMG_S = {"ddpmpp-cifar": 0.48, "ddpmpp-cifar-ungated": 1.18}
 CORRUPTION = Corruption("dust", 0.5, 0.1)
 
 
@@ -148,7 +157,7 @@ def bench_arch(arch: str, quick: bool, peak32: float, peak16: float) -> dict:
     c, r, batch, qbatch = SETTINGS[arch]
     batch = qbatch if quick else batch
     iters = 2 if quick else 6
-    big = arch == "ddpmpp32"
+    big = arch.startswith("ddpmpp")
     out: dict = {"arch": arch, "shape": [c, r, r], "batch": batch}
     net, step, fwd_bwd = train_step(arch, c, r, batch)
     out["params"] = count_parameters(net)
@@ -156,6 +165,8 @@ def bench_arch(arch: str, quick: bool, peak32: float, peak16: float) -> dict:
     flops = count_flops(fwd_bwd)
     out["train"] = {"fp32_img_s": batch / t32, "step_s": t32, "gflop_per_img": flops / batch / 1e9,
                     "achieved_gflop_s": flops / t32 / 1e9, "mfu_fp32": flops / t32 / peak32}
+    if arch in REFERENCE_IMG_S:
+        out["train"]["reference_code_fp32_img_s"] = REFERENCE_IMG_S[arch]
     _, step16, _ = train_step(arch, c, r, batch, bf16=True)
     t16 = timed(step16, iters)
     out["train"].update(bf16_img_s=batch / t16, bf16_speedup=t32 / t16, mfu_bf16=flops / t16 / peak16)
