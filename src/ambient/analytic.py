@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import torch
 
+from ambient.denoiser import MaskDenoiser
 
-class GaussianDenoiser(torch.nn.Module):
+
+class GaussianDenoiser(MaskDenoiser):
     """Exact E[x0 | M ⊙ (x0 + σn), M] for x0 ~ N(mean, cov); images of ``shape`` (C, H, W).
 
     Called like :class:`ambient.denoiser.Denoiser`: ``D(x, sigma, mask=None)`` with x of
-    shape (N, C, H, W), sigma a scalar or (N,), mask (N, C, H, W) or None (all visible).
+    shape (N, C, H, W), sigma a scalar or (N,), mask (N, C, H, W) or None (all visible);
+    with ``mask=None`` it is the exact full-image denoiser ``D(x, sigma)``.
     """
+
+    sigma_dtype = torch.float64
 
     def __init__(self, mean: torch.Tensor, cov: torch.Tensor, shape: tuple[int, int, int]):
         super().__init__()
@@ -28,15 +33,15 @@ class GaussianDenoiser(torch.nn.Module):
         if mean.shape != (d,) or cov.shape != (d, d):
             raise ValueError(f"mean must be ({d},) and cov ({d}, {d}) for shape {shape}")
         self.shape = tuple(shape)
+        self.img_channels = int(shape[0])
         self.register_buffer("mean", mean.double())
         self.register_buffer("cov", cov.double())
 
-    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n = x.shape[0]
         d = self.mean.numel()
         z = x.reshape(n, d).double()
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1)
-        sigma = sigma.expand(n) if sigma.numel() == 1 else sigma
+        sigma = sigma.to(torch.float64)
         m = torch.ones_like(z) if mask is None else mask.reshape(n, d).double()
         k = m[:, :, None] * self.cov * m[:, None, :]
         k = k + torch.diag_embed(sigma[:, None] ** 2 * m + (1.0 - m))

@@ -17,7 +17,7 @@ from ambient import distributed as dist_utils
 from ambient.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
 from ambient.io import atomic_folder
 from ambient.model import LoadedModel
-from ambient.sampling import iter_sample_batches
+from ambient.sampling import iter_sample_batches, model_sigmas
 
 
 def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_steps: int = 18,
@@ -26,9 +26,7 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
     """Images in [-1, 1], (len(seeds), C, H, W), one per seed, with the model's own mask law."""
     spec = loaded.sampling
     kwargs = spec.sampler_kwargs()
-    own = loaded.denoiser.schedule(num_steps)  # a finetuned DDPM's own σ's; None: EDM's
-    if own is not None:
-        kwargs["sigmas"] = own
+    kwargs["sigmas"] = model_sigmas(loaded.denoiser, num_steps)  # own σ's (finetuned DDPM), else EDM's
     shape = loaded.image_shape
     batches = iter_sample_batches(loaded.denoiser, len(seeds), seeds, batch, image_shape=shape,
                                   num_steps=num_steps, num_masks=num_masks, guidance_scale=guidance_scale,

@@ -1,13 +1,12 @@
-"""Sampling: EDM σ schedule, Euler / Heun solvers, and the fixed-mask ambient sampler.
+"""Sampling: the fixed-mask ensemble as a denoiser wrapper, and the ambient sampler around it.
 
-The solvers follow EDM (Karras et al. 2022, Algorithm 2) as plain functions in the
-k-diffusion style: ``sample_heun(denoise, x, sigmas)`` with ``denoise(x, sigma) -> x0``.
-The ODE state is kept in float64; denoiser outputs are cast to float64.
-
-:func:`ambient_sample` wraps a mask-aware denoiser ``D(x, sigma, mask)``: each sample gets K
-masks fixed for the whole trajectory (a pure function of its seed), the network sees
-``mask ⊙ x_t`` and the mask, and the K clean-image predictions are averaged. Optionally a
-mask-agreement term pulls the K predictions together (see :func:`ambient_sample`).
+:class:`FixedMaskEnsemble` turns a mask-input denoiser ``D(x, sigma, mask)`` into a full-image
+denoiser ``D(x, sigma) -> x0`` (:class:`ambient.denoiser.FullImageDenoiser`): each sample gets K
+masks fixed for the whole trajectory, the network sees ``mask ⊙ x_t`` and the mask, and the K
+clean-image predictions are clipped and averaged; optionally a mask-agreement term pulls them
+together. :func:`ambient_sample` draws the masks and the noise from the seeds, wraps, and calls
+a solver of :mod:`ambient.solvers` (EDM's Euler / Heun). Inputs are validated once, here; the
+2·K denoiser calls of a Heun step use the model's trusted path (:meth:`MaskDenoiser.denoise`).
 """
 
 from __future__ import annotations
@@ -18,98 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ambient.corruption import Corruption, check_mask, mix_seed, sampling_masks
+from ambient.denoiser import FullImageDenoiser, MaskDenoiser
+from ambient.solvers import Denoise, edm_sigmas, sample_euler, sample_heun
+
+__all__ = ["CLIPS", "SOLVERS", "Denoise", "FixedMaskEnsemble", "ambient_sample", "dynamic_threshold",
+           "edm_sigmas", "iter_sample_batches", "model_sigmas", "sample_euler", "sample_heun", "sample_in_batches"]
 
 _NOISE_STREAM = 0x5EED
 SOLVERS = ("heun", "euler")
 CLIPS = ("none", "static", "dynamic")
-
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def edm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """EDM's (Karras) noise levels, σ_max → σ_min spaced uniformly in σ^(1/ρ), then a final 0.
-
-    Returns a float64 tensor of shape (num_steps + 1,).
-    """
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if not (0 < sigma_min <= sigma_max < math.inf):
-        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got sigma_min={sigma_min}, "
-                         f"sigma_max={sigma_max}")
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho!r}")
-    ramp = torch.linspace(0, 1, int(num_steps), dtype=torch.float64, device=device)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def _randn(shape: Sequence[int]) -> torch.Tensor:
-    return torch.randn(tuple(shape), dtype=torch.float64)
-
-
-def _solve(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, heun: bool, churn: float,
-           s_tmin: float, s_tmax: float, s_noise: float, noise_fn, callback) -> torch.Tensor:
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
-    if churn < 0:
-        raise ValueError(f"churn must be >= 0, got {churn!r}")
-    sigmas = sigmas.to(x.device)
-    out_dtype = x.dtype
-    x = x.to(torch.float64)
-    num_steps = sigmas.numel() - 1
-    values = sigmas.tolist()
-    for i in range(num_steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        gamma = min(churn / num_steps, math.sqrt(2) - 1) if s_tmin <= values[i] <= s_tmax else 0.0
-        sigma_hat = sigma * (1 + gamma)
-        if gamma > 0:
-            eps = (noise_fn or _randn)(x.shape).to(x.device, torch.float64)
-            x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
-        denoised = denoise(x, sigma_hat).to(torch.float64)
-        d = (x - denoised) / sigma_hat
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
-        x_next = x + (sigma_next - sigma_hat) * d
-        if heun and values[i + 1] > 0:  # 2nd-order correction, except for the last step to σ = 0
-            d_next = (x_next - denoise(x_next, sigma_next).to(torch.float64)) / sigma_next
-            x_next = x + (sigma_next - sigma_hat) * 0.5 * (d + d_next)
-        x = x_next
-    return x.to(out_dtype)
-
-
-def sample_euler(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-                 noise_fn: Callable[[torch.Size], torch.Tensor] | None = None,
-                 callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ, with optional churn.
-
-    Args:
-        denoise: ``denoise(x, sigma) -> x0`` with sigma a 0-d float64 tensor.
-        x: the starting point, already scaled to ``sigmas[0]`` (e.g. ``sigmas[0] * randn``).
-        sigmas: decreasing noise levels, typically from :func:`edm_sigmas` (ending in 0).
-        churn, s_tmin, s_tmax, s_noise: EDM's stochasticity; at each step with
-            s_tmin <= σ <= s_tmax, σ is raised to σ(1 + γ), γ = min(churn/num_steps, √2 − 1),
-            by adding fresh noise ``s_noise · noise_fn(x.shape)`` (default: torch.randn).
-        callback: called each step with a dict (x, i, sigma, sigma_hat, denoised).
-
-    Returns:
-        the final state, computed in float64 and returned in ``x.dtype``.
-    """
-    return _solve(denoise, x, sigmas, False, churn, s_tmin, s_tmax, s_noise, noise_fn, callback)
-
-
-def sample_heun(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, churn: float = 0.0,
-                s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
-                noise_fn: Callable[[torch.Size], torch.Tensor] | None = None,
-                callback: Callable[[dict], None] | None = None) -> torch.Tensor:
-    """EDM Algorithm 2: Heun steps with a 2nd-order correction except for the last step to σ = 0.
-
-    Arguments and return value as in :func:`sample_euler`; 2 denoiser calls per step but the last.
-    """
-    return _solve(denoise, x, sigmas, True, churn, s_tmin, s_tmax, s_noise, noise_fn, callback)
 
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.99) -> torch.Tensor:
@@ -145,6 +61,85 @@ def _device_of(denoiser) -> torch.device:
     return torch.device("cpu")
 
 
+class FixedMaskEnsemble(FullImageDenoiser):
+    """A mask-input denoiser seen through K fixed masks, as a full-image denoiser ``D(x, sigma)``.
+
+    ``D(x, σ) = mean_k clip(D_inner(m_k ⊙ x, σ, m_k))`` with ``masks`` (K, N, C, H, W) held fixed
+    (``masks=None``: one plain call ``D_inner(x, σ)`` on the full image, still clipped). Inputs
+    are cast to ``dtype`` (the inner model's input type) and the result is float64.
+
+    Guidance (``guidance_scale`` = g > 0, needs K >= 2): with E = mean over pairs k < l of
+    ||D_k − D_l||² (per sample, summed over pixels), the returned estimate is
+    mean_k D_k − σ g ∇_x E, so that the solver's derivative (x − D)/σ gains + g ∇_x E. Autograd
+    is used only then. Its σ range and schedule are those of the inner denoiser.
+
+    The caller vouches for the inputs (shapes, one σ for the batch or one per sample): the inner
+    model is called on its trusted path. :func:`ambient_sample` validates before wrapping.
+    """
+
+    def __init__(self, denoiser, masks: torch.Tensor | None, *, clip: str = "none", guidance_scale: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.inner = denoiser
+        self.masks = masks
+        self.clip = clip
+        self.guidance_scale = float(guidance_scale)
+        self.dtype = dtype
+        if isinstance(denoiser, MaskDenoiser):
+            self._call = denoiser.denoise  # validated once by the caller, not on every call
+        elif isinstance(denoiser, FullImageDenoiser):  # no mask input: only masks=None makes sense
+            self._call = lambda x, sigma, mask: denoiser(x, sigma)
+        else:  # any callable D(x, sigma, mask)
+            self._call = denoiser
+
+    @property
+    def sigma_min(self) -> float:
+        return _attr(self.inner, "sigma_min")
+
+    @property
+    def sigma_max(self) -> float:
+        return _attr(self.inner, "sigma_max")
+
+    def schedule(self, num_steps: int) -> torch.Tensor | None:
+        return self.inner.schedule(num_steps) if isinstance(self.inner, FullImageDenoiser) else None
+
+    def predictions(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
+        """The K clipped predictions (one without masks); ``x`` in ``dtype``, ``sigma`` (N,)."""
+        if self.masks is None:
+            return [_clip(self._call(x, sigma, None), self.clip)]
+        return [_clip(self._call(m * x, sigma, m), self.clip) for m in self.masks]
+
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        n = x.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device)
+        sig = sigma.to(self.dtype).reshape(-1).expand(n) if sigma.numel() == 1 else sigma.to(self.dtype)
+        if self.guidance_scale == 0:
+            return torch.stack(self.predictions(x.to(self.dtype), sig)).double().mean(0)
+        with torch.enable_grad():
+            xg = x.to(self.dtype).detach().requires_grad_(True)
+            preds = torch.stack(self.predictions(xg, sig))
+            k = preds.shape[0]
+            diff = (preds[:, None] - preds[None]).reshape(k, k, n, -1)
+            energy = diff.pow(2).sum() / (k * (k - 1))  # Σ_i mean_{k<l} ||D_k − D_l||²
+            (grad,) = torch.autograd.grad(energy, xg)
+        scale = sigma if sigma.numel() == 1 else sigma.reshape(n, *([1] * (x.ndim - 1)))
+        # Folded into the "denoised" estimate so that (x − D_eff)/σ = (x − D̄)/σ + g ∇E.
+        return preds.detach().double().mean(0) - scale * self.guidance_scale * grad.double()
+
+
+def _attr(denoiser, name: str) -> float:
+    """A full-image denoiser's σ bound; EDM's for plain callables."""
+    return getattr(denoiser, name) if isinstance(denoiser, FullImageDenoiser) else getattr(FullImageDenoiser, name)
+
+
+def model_sigmas(denoiser, num_steps: int, rho: float = 7.0) -> torch.Tensor:
+    """The σ's to sample ``denoiser`` with: its own schedule if it has one, else EDM's over its σ range."""
+    own = denoiser.schedule(num_steps) if isinstance(denoiser, FullImageDenoiser) else None
+    if own is not None:
+        return own
+    return edm_sigmas(num_steps, _attr(denoiser, "sigma_min"), _attr(denoiser, "sigma_max"), rho)
+
+
 def _fixed_masks(shape, seeds, corruption, data_survival, masks, num_masks) -> torch.Tensor | None:
     """(K, N, C, H, W) masks held fixed along the trajectory, or None for plain sampling."""
     if masks is not None:
@@ -174,12 +169,14 @@ def _fixed_masks(shape, seeds, corruption, data_survival, masks, num_masks) -> t
 def ambient_sample(
     denoiser, shape: Sequence[int], seeds: Sequence[int], *, corruption: Corruption | None = None,
     data_survival: float | None = None, masks: torch.Tensor | None = None, num_steps: int = 18,
-    sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, solver: str = "heun",
+    sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0, solver: str = "heun",
     churn: float = 0.0, num_masks: int = 1, guidance_scale: float = 0.0, clip: str = "none",
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     callback: Callable[[dict], None] | None = None, sigmas: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Draw N = len(seeds) samples of ``shape`` (N, C, H, W) with fixed masks.
+    """Draw N = len(seeds) samples of ``shape`` (N, C, H, W) with fixed masks: draws the masks
+    and the initial noise from the seeds, wraps ``denoiser`` in a :class:`FixedMaskEnsemble` and
+    calls the solver.
 
     Each step calls ``denoiser(mask_k ⊙ x_t, sigma, mask_k)`` (x and mask in ``dtype``,
     sigma a (N,) tensor in ``dtype``) for k = 1..K and uses x0 = mean_k clip(D_k) in the
@@ -188,7 +185,8 @@ def ambient_sample(
     ``mix_seed(seed, k)``; or the caller's ``masks`` of shape (N, C, H, W) or (K, N, C, H, W).
     Without corruption and masks the denoiser gets ``mask=None`` (plain EDM sampling).
     ``sigmas`` replaces the EDM schedule (num_steps, sigma_min, sigma_max, rho are then unused),
-    e.g. with a finetuned model's ``sampling_sigmas(n)``.
+    e.g. with a model's own ``schedule(n)`` (see :func:`model_sigmas`). ``sigma_min`` /
+    ``sigma_max`` default to the denoiser's (EDM's 0.002 / 80 for plain callables).
     Note: averaging K > 1 predictions shrinks the variance of pixels hidden from some masks (on
     a 4×4 Gaussian with the exact denoiser, survival 0.45: covariance error 0.05 at K=1, 0.47 at K=4).
 
@@ -219,7 +217,11 @@ def ambient_sample(
         raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")
     if not guidance_scale >= 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    if isinstance(denoiser, MaskDenoiser) and shape[1] != denoiser.img_channels:
+        raise ValueError(f"shape has {shape[1]} channels but the denoiser takes {denoiser.img_channels}")
     if sigmas is None:
+        sigma_min = _attr(denoiser, "sigma_min") if sigma_min is None else sigma_min
+        sigma_max = _attr(denoiser, "sigma_max") if sigma_max is None else sigma_max
         sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
     else:  # a model's own schedule (e.g. a finetuned DDPM's discrete σ's), decreasing, ending in 0
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
@@ -239,30 +241,11 @@ def ambient_sample(
         return torch.stack([torch.randn(tuple(size[1:]), generator=g, dtype=torch.float64)
                             for g in gens]).to(device)
 
-    def predictions(x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
-        sig = sigma.to(device, dtype).reshape(1).expand(n)
-        if fixed is None:
-            return [_clip(denoiser(x, sig, None), clip)]
-        return [_clip(denoiser(m * x, sig, m), clip) for m in fixed]
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if guidance_scale == 0:
-            preds = predictions(x.to(dtype), sigma)
-            return torch.stack(preds).double().mean(0)
-        with torch.enable_grad():
-            xg = x.to(dtype).detach().requires_grad_(True)
-            preds = torch.stack(predictions(xg, sigma))
-            k = preds.shape[0]
-            diff = (preds[:, None] - preds[None]).reshape(k, k, n, -1)
-            energy = diff.pow(2).sum() / (k * (k - 1))  # Σ_i mean_{k<l} ||D_k − D_l||²
-            (grad,) = torch.autograd.grad(energy, xg)
-        # Folded into the "denoised" estimate so that (x − D_eff)/σ = (x − D̄)/σ + g ∇E.
-        return preds.detach().double().mean(0) - sigma * guidance_scale * grad.double()
-
+    ensemble = FixedMaskEnsemble(denoiser, fixed, clip=clip, guidance_scale=guidance_scale, dtype=dtype)
     step = sample_heun if solver == "heun" else sample_euler
     with torch.no_grad():
         x = noise_fn((n, *shape[1:])) * sigmas[0]
-        out = step(denoise, x, sigmas.to(device), churn=churn, noise_fn=noise_fn, callback=callback)
+        out = step(ensemble, x, sigmas.to(device), churn=churn, noise_fn=noise_fn, callback=callback)
     return out.to(dtype)
 
 
