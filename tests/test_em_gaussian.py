@@ -1,0 +1,115 @@
+"""Missing-data EM for a low-rank Gaussian prior, and its exact posterior: known answers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ambient.em_gaussian import GaussianPrior, em_step, fit_gaussian, initial_prior
+
+
+def _low_rank_data(n=8000, shape=(1, 3, 4), rank=2, psi=0.05, keep=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = math.prod(shape)
+    w = torch.randn(d, rank, generator=g, dtype=torch.float64) * 0.6
+    mu = torch.randn(d, generator=g, dtype=torch.float64) * 0.3
+    z = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    x = mu + z @ w.T + psi**0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    mask = (torch.rand(n, d, generator=g) < keep).double()
+    truth = GaussianPrior(mu, w, torch.full((d,), psi, dtype=torch.float64), shape)
+    return truth, (x * mask).reshape(n, *shape), mask.reshape(n, *shape)
+
+
+def _dense_conditional(prior: GaussianPrior, y: torch.Tensor, mask: torch.Tensor):
+    """x_H | y_O by the textbook formula on the dense covariance."""
+    c, mu = prior.covariance(), prior.mean
+    o, h = mask.reshape(-1).bool(), ~mask.reshape(-1).bool()
+    gain = c[h][:, o] @ torch.linalg.inv(c[o][:, o])
+    mean = mu[h] + gain @ (y.reshape(-1)[o] - mu[o])
+    cov = c[h][:, h] - gain @ c[o][:, h]
+    return mean, cov, h
+
+
+@pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
+def test_fit_recovers_mean_and_covariance(noise):
+    n, keep = 8000, 0.5
+    truth, y, mask = _low_rank_data(n=n, keep=keep)
+    prior, history = fit_gaussian(y, mask, rank=2, iters=120, noise=noise)
+    cov = truth.covariance()
+    # sampling error of one covariance entry from the ~n·keep² images that observe both pixels
+    scale = float(cov.diagonal().max())
+    tol_cov = 5 * scale * math.sqrt(2 / (n * keep**2))
+    tol_mean = 5 * math.sqrt(scale / (n * keep))
+    assert (prior.mean - truth.mean).abs().max() < tol_mean
+    assert (prior.covariance() - cov).abs().max() < tol_cov
+    # a wrong answer is caught: the initial guess is far from the truth at this tolerance
+    start = initial_prior(y, mask, 2)
+    assert (start.covariance() - cov).abs().max() > tol_cov
+    if noise == "isotropic":
+        assert torch.allclose(prior.noise, prior.noise[:1].expand_as(prior.noise))
+        assert abs(float(prior.noise[0]) - 0.05) < 0.01
+
+
+def test_log_likelihood_never_decreases_and_matches_dense_formula():
+    _, y, mask = _low_rank_data(n=600, shape=(1, 4, 4), rank=3, keep=0.4, seed=1)
+    prior, history = fit_gaussian(y, mask, rank=3, iters=25, noise="diagonal", memory_mb=0.05)  # many batches
+    steps = np.diff(history)
+    assert (steps > -1e-9).all(), steps.min()
+    assert history[-1] > history[0] + 0.1
+    # per-image log-likelihood against log N(y_O; μ_O, C_OO) computed densely
+    ll = prior.log_likelihood(y[:5], mask[:5])
+    c = prior.covariance()
+    for i in range(5):
+        o = mask[i].reshape(-1).bool()
+        dist = torch.distributions.MultivariateNormal(prior.mean[o], c[o][:, o])
+        assert abs(float(dist.log_prob(y[i].reshape(-1)[o])) - float(ll[i])) < 1e-9
+
+
+def test_batching_does_not_change_an_em_step():
+    _, y, mask = _low_rank_data(n=300, seed=2)
+    start = initial_prior(y, mask, 2)
+    a, lla = em_step(start, y, mask, memory_mb=256)
+    b, llb = em_step(start, y, mask, memory_mb=0.02)
+    assert abs(lla - llb) < 1e-10
+    assert torch.allclose(a.covariance(), b.covariance(), atol=1e-12)
+
+
+def test_posterior_samples_match_the_exact_conditional():
+    truth, y, mask = _low_rank_data(n=1, shape=(1, 3, 3), rank=2, keep=0.45, seed=3)
+    mean, cov, hidden = _dense_conditional(truth, y[0], mask[0])
+    assert hidden.sum() >= 3
+    post_mean = truth.posterior_mean(y, mask).reshape(-1)
+    assert torch.allclose(post_mean[hidden], mean, atol=1e-10)
+    k = 20000
+    draws = truth.sample_posterior(y.expand(k, -1, -1, -1), mask.expand(k, -1, -1, -1), list(range(k)))
+    flat = draws.reshape(k, -1)
+    # observed pixels come back bit for bit
+    assert torch.equal(flat[:, ~hidden], y.reshape(1, -1)[:, ~hidden].expand(k, -1))
+    emp_mean, emp_cov = flat[:, hidden].mean(0), torch.cov(flat[:, hidden].T)
+    sd = cov.diagonal().sqrt()
+    assert ((emp_mean - mean).abs() / sd).max() < 5 / math.sqrt(k)
+    assert ((emp_cov - cov).abs() / torch.outer(sd, sd)).max() < 6 * math.sqrt(2 / k)
+    # the unconditional covariance is clearly different (the test can fail)
+    prior_cov = truth.covariance()[hidden][:, hidden]
+    assert ((prior_cov - cov).abs() / torch.outer(sd, sd)).max() > 0.2
+
+
+def test_posterior_draws_depend_only_on_the_seed():
+    truth, y, mask = _low_rank_data(n=40, seed=4)
+    seeds = list(range(100, 140))
+    a = truth.sample_posterior(y, mask, seeds)
+    b = truth.sample_posterior(y, mask, seeds, memory_mb=0.01)  # other batches
+    c = truth.sample_posterior(y[10:20], mask[10:20], seeds[10:20])
+    assert torch.equal(a, b) and torch.equal(a[10:20], c)
+    assert not torch.equal(a, truth.sample_posterior(y, mask, [s + 1 for s in seeds]))
+
+
+def test_arrays_round_trip_and_bad_arguments():
+    truth, y, mask = _low_rank_data(n=50)
+    again = GaussianPrior.from_arrays(truth.to_arrays())
+    assert torch.equal(again.covariance(), truth.covariance()) and again.shape == truth.shape
+    with pytest.raises(ValueError, match="rank"):
+        fit_gaussian(y, mask, rank=0, iters=1)
+    with pytest.raises(ValueError, match="noise"):
+        fit_gaussian(y, mask, rank=1, iters=1, noise="full")
