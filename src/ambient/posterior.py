@@ -1,10 +1,11 @@
 """Posterior denoisers: draw x ~ p(x | y) for y = A x + σ_y n with the plain solvers.
 
-Each class wraps a full-image denoiser ``D(x_t, sigma) -> E[x | x_t]`` (any callable; the model
-is never modified) and is itself a callable ``(x_t, sigma) -> x0`` that estimates
-E[x | x_t, y]. The probability-flow ODE of p(x_t | y) has that estimate in place of D, so
-:func:`ambient.sampling.sample_heun` / ``sample_euler`` with the usual σ schedules and per-seed noise
-draw posterior samples unchanged. Operators come from :mod:`ambient.operators`.
+Each class wraps a full-image denoiser ``D(x_t, sigma) -> E[x | x_t]`` (any callable, e.g. a
+:class:`ambient.denoiser.FullImageDenoiser`; the model is never modified) and is itself a
+:class:`~ambient.denoiser.FullImageDenoiser` ``(x_t, sigma) -> x0`` that estimates E[x | x_t, y],
+with the wrapped model's σ range and schedule. The probability-flow ODE of p(x_t | y) has that
+estimate in place of D, so :func:`ambient.sampling.sample_heun` / ``sample_euler`` with the usual σ
+schedules and per-seed noise draw posterior samples unchanged. Operators come from :mod:`ambient.operators`.
 
 * :class:`MMPS` (moment matching, Rozet et al. 2024): x | x_t is taken Gaussian with mean
   x̂ = D(x_t) and Tweedie's covariance Cov[x | x_t] = σ² ∂D/∂x_t =: σ² J. Then
@@ -32,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from ambient.denoiser import FullImageDenoiser
 from ambient.operators import LinearOperator, MaskOperator
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,10 +75,29 @@ def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-class PosteriorDenoiser:
+class _Wrapper(FullImageDenoiser):
+    """Takes σ range and schedule from the wrapped ``denoiser`` (EDM's defaults for a plain callable)."""
+
+    denoiser: Denoise
+
+    @property
+    def sigma_min(self) -> float:
+        return float(getattr(self.denoiser, "sigma_min", FullImageDenoiser.sigma_min))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(getattr(self.denoiser, "sigma_max", FullImageDenoiser.sigma_max))
+
+    def schedule(self, num_steps: int) -> torch.Tensor | None:
+        own = getattr(self.denoiser, "schedule", None)
+        return own(num_steps) if callable(own) else None
+
+
+class PosteriorDenoiser(_Wrapper):
     """Base of the wrappers: ``denoiser`` D(x, σ) → x0, observations ``y`` = A x + σ_y n, ``operator`` A."""
 
     def __init__(self, denoiser: Denoise, y: torch.Tensor, operator: LinearOperator, sigma_y: float = 0.0):
+        super().__init__()
         if not float(sigma_y) >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y!r}")
         self.denoiser = denoiser
@@ -102,7 +123,7 @@ class PosteriorDenoiser:
     def residual(self, x0: torch.Tensor) -> torch.Tensor:
         return self.y.to(x0.dtype) - self.operator(x0)
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -119,7 +140,7 @@ class MMPS(PosteriorDenoiser):
         self.cg_iters = int(cg_iters)
         self.covariance = covariance
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s2 = _sigma_like(sigma, x) ** 2
         sy2 = self.sigma_y**2
         a = self.operator
@@ -147,7 +168,7 @@ class DPS(PosteriorDenoiser):
             raise ValueError(f"step must be > 0, got {step!r}")
         self.step = float(step)
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         s2 = _sigma_like(sigma, x) ** 2
         xg, x0 = self._forward_with_graph(x, sigma)
         k = self.operator.num_observations().to(x.device, x0.dtype).clamp_min(1.0)
@@ -163,14 +184,14 @@ class DPS(PosteriorDenoiser):
 class Projection(PosteriorDenoiser):
     """Gradient-free baseline: x̂ + A⁺ (y − A x̂); for a mask, y replaces the observed pixels of x̂."""
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         with torch.no_grad():
             x0 = self.denoiser(x, sigma).to(x.dtype)
             self.calls["forward"] += 1
             return x0 + self.operator.pinv(self.residual(x0))
 
 
-class AmbientMean:
+class AmbientMean(_Wrapper):
     """D(A ⊙ y, σ_obs, A) for a mask-input denoiser ``D(x, sigma, mask)``: the posterior mean E[x | y].
 
     The model learnt E[x0 | A ⊙ (x0 + σ n), A]; fed the observation with its own mask at the noise
@@ -181,6 +202,7 @@ class AmbientMean:
 
     def __init__(self, denoiser, y: torch.Tensor, mask: torch.Tensor, sigma_y: float = 0.0,
                  sigma_floor: float = 0.002):
+        super().__init__()
         if not float(sigma_y) >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y!r}")
         self.denoiser = denoiser
@@ -190,7 +212,7 @@ class AmbientMean:
         self.calls = {"forward": 0, "vjp": 0}
         self._mean: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         if self._mean is None:
             mask = self.operator.mask.to(x.device, torch.float32)
             y = self.operator(self.y.to(x.device, torch.float32))

@@ -1,0 +1,174 @@
+"""`ambient restore` on tiny data: outputs, agreement with y, seeds, ambient-mean, torchrun, bad input."""
+
+import numpy as np
+import pytest
+
+from ambient.cli import main
+from tests.helpers_data import blobs, write_npz
+
+TINY = ["--arch", "tiny", "--batch", "8", "--kimg", "0.016", "--snapshot-kimg", "0.016", "--tick-kimg", "0.008",
+        "--grid-samples", "0", "--no-progress"]
+N_OBS = 5
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def observations(path, n=N_OBS, size=8, channels=1, masks=True, mask_shape=None):
+    rng = np.random.default_rng(7)
+    arrays = {"images": blobs(n, size, channels, seed=11)}
+    if masks:
+        arrays["masks"] = (rng.random(mask_shape or (n, size, size)) < 0.5).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A naive-trained (full-image) and an ambient-trained (mask-input) tiny model, and observations."""
+    root = tmp_path_factory.mktemp("restore")
+    data = str(write_npz(root / "train.npz"))
+    for name, flags in (("naive", ["--objective", "naive", "--corruption-probability", "0.3"]),
+                        ("ambient", ["--corruption-probability", "0.5", "--delta-probability", "0.2"])):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--data", data, "--outdir", str(root / name), *flags, *TINY])
+        assert exc.value.code == 0
+    return root, observations(root / "obs.npz")
+
+
+def restore_args(model, data, out, *extra):
+    return ["restore", "--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4", *extra]
+
+
+def hidden_and_observed(out, obs):
+    f, o = np.load(out), np.load(obs)
+    images, index = f["images"], f["index"]
+    mask = o["masks"][index].astype(bool)
+    return images, index, np.abs(images[..., 0].astype(int) - o["images"][index].astype(int)), mask
+
+
+@pytest.mark.parametrize("method", ["mmps", "project", "dps"])
+def test_restore_writes_images_and_index_and_keeps_y(models, tmp_path, capsys, method):
+    root, obs = models
+    out = tmp_path / "r.npz"
+    code, stdout, err = run(restore_args(root / "naive", obs, out, "--method", method, "--num-per-image", "2",
+                                         "--cg-iters", "2", "--batch", "4"), capsys)
+    assert code == 0, err
+    assert f"wrote {2 * N_OBS} restorations of {N_OBS} observations" in stdout
+    assert "restore (" in err  # progress bar
+    images, index, diff, mask = hidden_and_observed(out, obs)
+    assert images.shape == (2 * N_OBS, 8, 8, 1) and images.dtype == np.uint8
+    assert index.tolist() == [i // 2 for i in range(2 * N_OBS)]
+    assert (tmp_path / "r_grid.png").is_file()
+    if method != "dps":  # σ_y = 0: observed pixels are y (uint8 rounding at most); DPS does not enforce y
+        assert diff[mask].max() <= 1
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0  # two draws of one observation differ
+
+
+def test_rows_do_not_depend_on_the_batch_and_seed_shifts_rows(models, tmp_path, capsys):
+    root, obs = models
+    outs = []
+    for i, extra in enumerate((["--batch", "1"], ["--batch", "7"], ["--batch", "3", "--seed", "1"])):
+        out = tmp_path / f"b{i}.npz"
+        code, _, err = run(restore_args(root / "naive", obs, out, "--num-per-image", "2", "--sigma-y", "0.05",
+                                        *extra), capsys)
+        assert code == 0, err
+        outs.append(np.load(out)["images"].astype(int))
+    assert np.abs(outs[0] - outs[1]).max() <= 1
+    # seed 1: row j uses the noise of row j + 1 at seed 0; rows 1 and 2 restore different observations, so
+    # compare row 0 of seed 1 with row 1 of seed 0 (both draws of observation 0)
+    assert np.abs(outs[2][0] - outs[0][1]).max() <= 1
+    assert np.abs(outs[2][0] - outs[0][0]).max() > 0
+
+
+def test_ambient_mean_is_one_image_per_observation(models, tmp_path, capsys):
+    root, obs = models
+    out = tmp_path / "m.npz"
+    code, _, err = run(restore_args(root / "ambient", obs, out, "--method", "ambient-mean", "--num-per-image", "3"),
+                       capsys)
+    assert code == 0, err
+    images, index, diff, mask = hidden_and_observed(out, obs)
+    assert images.shape == (3 * N_OBS, 8, 8, 1)
+    np.testing.assert_array_equal(images[0::3], images[1::3])  # a mean, not samples
+    assert diff[mask].max() <= 1
+
+
+def test_help_says_ambient_mean_is_the_posterior_mean(capsys):
+    code, out, _ = run(["restore", "--help"], capsys)
+    assert code == 0 and "posterior MEAN" in out
+
+
+def test_two_processes_restore_the_same_images(models, tmp_path, capsys):
+    from tests.test_distributed import torchrun
+
+    root, obs = models
+    flags = ["--num-per-image", "2", "--batch", "3", "--cg-iters", "2"]
+    proc = torchrun(restore_args(root / "naive", obs, tmp_path / "two.npz", *flags), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote 10 restorations") == 1  # rank 0 writes
+    assert proc.stderr.count("restore (mmps):   0%") == 1  # one progress bar: rank 0's
+    code, _, err = run(restore_args(root / "naive", obs, tmp_path / "one.npz", *flags), capsys)
+    assert code == 0, err
+    one, two = (np.load(tmp_path / f"{k}.npz") for k in ("one", "two"))
+    assert np.abs(one["images"].astype(int) - two["images"].astype(int)).max() <= 1
+    np.testing.assert_array_equal(one["index"], two["index"])
+
+
+def _masks_of_other_shape(root, tmp):
+    return observations(tmp / "ms.npz", mask_shape=(N_OBS, 7, 8)), [], "ms.npz"
+
+
+def _no_masks(root, tmp):
+    return observations(tmp / "nomask.npz", masks=False), [], "--data"
+
+
+def _other_size(root, tmp):
+    return observations(tmp / "six.npz", size=6), [], "--data"
+
+
+def _other_channels(root, tmp):
+    return observations(tmp / "rgb.npz", channels=3), [], "3 channel"
+
+
+def _negative_sigma_y(root, tmp):
+    return root / "obs.npz", ["--sigma-y", "-0.1"], "--sigma-y"
+
+
+def _zero_per_image(root, tmp):
+    return root / "obs.npz", ["--num-per-image", "0"], "--num-per-image"
+
+
+def _mask_input_model_with_mmps(root, tmp):
+    return root / "obs.npz", ["--model", str(root / "ambient"), "--method", "mmps"], "--method mmps"
+
+
+def _full_image_model_with_ambient_mean(root, tmp):
+    return root / "obs.npz", ["--method", "ambient-mean"], "--method ambient-mean"
+
+
+def _not_a_model(root, tmp):
+    return root / "obs.npz", ["--model", str(tmp)], "--model"
+
+
+@pytest.mark.parametrize("make", [_masks_of_other_shape, _no_masks, _other_size, _other_channels, _negative_sigma_y,
+                                  _zero_per_image, _mask_input_model_with_mmps, _full_image_model_with_ambient_mean,
+                                  _not_a_model])
+def test_bad_input_is_one_line_exit_2_nothing_written(models, tmp_path, capsys, make):
+    root, _ = models
+    data, extra, needle = make(root, tmp_path)
+    out = tmp_path / "out.npz"
+    code, _, err = run([*restore_args(root / "naive", data, out), *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert not out.exists() and not (tmp_path / "out_grid.png").exists()
+
+
+def test_out_must_be_an_npz(models, tmp_path, capsys):
+    root, obs = models
+    code, _, err = run(restore_args(root / "naive", obs, tmp_path / "folder"), capsys)
+    assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "folder").exists()
