@@ -30,6 +30,22 @@ def dataclass_from_dict(cls, d: dict, what: str):
 # ``--resume`` without a value: the latest snapshot in --outdir (an error if there is none).
 RESUME_LATEST = "latest"
 
+def _check_arch_kwargs(text: str, arch: str, bad) -> None:
+    import json
+
+    from ambient.songunet import SongUNetConfig
+
+    if arch not in SONG_PRESETS:
+        bad("arch_kwargs", f"only for the DDPM++ archs ({', '.join(SONG_PRESETS)}), not {arch!r}")
+    try:
+        kwargs = json.loads(text)
+    except ValueError as exc:
+        bad("arch_kwargs", f"not JSON ({exc})")
+    allowed = set(SongUNetConfig.__dataclass_fields__) - {"img_resolution", "in_channels", "out_channels", "label_dim"}
+    if not isinstance(kwargs, dict) or set(kwargs) - allowed:
+        bad("arch_kwargs", f"must be a JSON object with keys among {', '.join(sorted(allowed))}")
+
+
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = frozenset({"kimg", "snapshot_kimg", "tick_kimg", "grid_samples", "outdir", "resume",
                                "device", "max_nonfinite", "compile"})
@@ -51,8 +67,10 @@ class TrainConfig:
     fixed_further: bool = False
     objective: str = "ambient"
     arch: str = "small"
+    arch_kwargs: str | None = None  # ddpmpp-* only: JSON object of SongUNetConfig fields over the preset
     dropout: float = 0.0
     mask_aware: bool = True
+    cond: bool = False
     loss_normalize: str = "mean"
     batch: int = 64
     lr: float = 1e-3
@@ -111,6 +129,10 @@ class TrainConfig:
                 bad(name, f"must be >= 0, got {v!r}")
         if self.mask_full_rgb not in (None, True, False):
             bad("mask_full_rgb", f"must be true, false or null (from the data), got {self.mask_full_rgb!r}")
+        if self.arch_kwargs is not None:
+            _check_arch_kwargs(self.arch_kwargs, self.arch, bad)
+        if self.cond and self.arch not in SONG_PRESETS:
+            bad("cond", f"needs a DDPM++ --arch ({', '.join(SONG_PRESETS)}); {self.arch!r} has no label input")
         if not 0.0 <= self.augment <= 1.0:
             bad("augment", f"must be a probability in [0, 1], got {self.augment!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ambient.denoiser import MaskDenoiser, check_denoiser_inputs
+from ambient.denoiser import MaskDenoiser
 from ambient.songunet import SongUNet, SongUNetConfig
 
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=(16,), channel_mult_emb=4, channel_mult_noise=1,
@@ -70,11 +70,6 @@ class ReferenceDenoiser(MaskDenoiser):
         self.sigma_data = float(sigma_data)
         self.mask_channels = bool(mask_channels)
         self.label_dim = model.config.label_dim
-
-    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, torch.float32)
-        return self.denoise(x, sigma, mask, class_labels)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -76,9 +76,9 @@ class MaskDenoiser(FullImageDenoiser):
     img_channels: int
     sigma_dtype: torch.dtype = torch.float32
 
-    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         sigma = check_denoiser_inputs(x, sigma, mask, self.img_channels, self.sigma_dtype)
-        return self.denoise(x, sigma, mask)
+        return self.denoise(x, sigma, mask, **kwargs)  # kwargs: class_labels of conditional models
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -120,7 +120,9 @@ class Denoiser(MaskDenoiser):
             c_out = c_out * mask + sd * (1.0 - mask)
         return c_skip, c_out, c_in, c_noise
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``class_labels`` (N, label_dim), one-hot, for a class-conditional backbone (ambient.songunet)."""
         sigma = sigma.to(torch.float32)
         n = x.shape[0]
         s = sigma.reshape(n, 1, 1, 1)
@@ -132,5 +134,8 @@ class Denoiser(MaskDenoiser):
         net_in = c_in * x
         if self.mask_channels:
             net_in = torch.cat([net_in, torch.ones_like(x) if mask is None else mask], dim=1)
-        out = self.backbone(net_in, c_noise.reshape(n))
+        if class_labels is None:
+            out = self.backbone(net_in, c_noise.reshape(n))
+        else:
+            out = self.backbone(net_in, c_noise.reshape(n), class_labels=class_labels)
         return c_skip * x + c_out * out.to(torch.float32)

@@ -2,7 +2,8 @@
 
 Specs (see :func:`ambient.data.load_dataset` for the user-facing description):
 ``builtin:fashion-mnist[:train|test]``, ``builtin:digits``, an image folder (optionally with
-``images/`` and ``masks/`` subfolders), an EDM-style ``.zip``, or an ``.npz``. Every problem
+``images/`` and ``masks/`` subfolders; labels from its ``dataset.json``, else from class
+subfolders), an EDM-style ``.zip``, or an ``.npz``. Every problem
 with the input raises :class:`AmbientInputError` with one line naming the file or flag.
 """
 
@@ -220,6 +221,7 @@ def _read_folder(root: Path, max_size: int | None) -> RawData:
     if not files:
         others = sum(len(fs) for _, _, fs in os.walk(image_root))
         raise _no_images(image_root, others)
+    classes = _class_folders(files, image_root)
     files = files[:max_size]
     arrays = [read_image(f) for f in files]
     images = stack_images(arrays, [str(f) for f in files])
@@ -239,7 +241,18 @@ def _read_folder(root: Path, max_size: int | None) -> RawData:
     if (root / "dataset.json").is_file():
         names = [f.relative_to(image_root).as_posix() for f in files]
         labels = _labels_from_json((root / "dataset.json").read_bytes(), names, str(root / "dataset.json"))
+    elif classes:  # class subfolders: label = index of the subfolder's name in sorted order
+        labels = np.asarray([classes[f.relative_to(image_root).parts[0]] for f in files], dtype=np.int64)
     return RawData(images, masks, labels)
+
+
+def _class_folders(files: list[Path], image_root: Path) -> dict[str, int] | None:
+    """{subfolder name: class} when every image lies directly in one of >= 2 subfolders, else None."""
+    parts = [f.relative_to(image_root).parts for f in files]
+    if any(len(p) != 2 for p in parts):
+        return None
+    names = sorted({p[0] for p in parts})
+    return {name: i for i, name in enumerate(names)} if len(names) >= 2 else None
 
 
 def _read_zip(path: Path, max_size: int | None) -> RawData:

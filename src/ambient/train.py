@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import time
@@ -22,6 +23,7 @@ import torch
 
 from ambient import distributed as dist_utils
 from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
+from ambient.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
 from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.corruption import Corruption, mix_seed
 from ambient.data import ImageDataset, augment_batch, load_dataset, resolve_mask_full_rgb
@@ -68,7 +70,8 @@ class EpochOrder:
 def model_config_for(cfg: TrainConfig, data: ImageDataset) -> ModelConfig:
     return ModelConfig(arch=cfg.arch, img_channels=data.channels, resolution=data.resolution,
                        mask_channels=cfg.objective == "ambient", dropout=cfg.dropout,
-                       mask_aware=cfg.mask_aware)
+                       mask_aware=cfg.mask_aware, label_dim=label_dim_for(cfg.cond, data, cfg.data),
+                       songunet=json.loads(cfg.arch_kwargs) if cfg.arch_kwargs else None)
 
 
 def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
@@ -207,7 +210,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         snap_dir = save_snapshot(outdir / snapshot_name(state.step), config=run_config, model=net.state_dict(),
                                  ema=ema.state_dict(), optimizer=opt.state_dict(), extra_state=vars(state).copy())
         if cfg.grid_samples:
-            write_grid_pair(outdir / f"samples-{state.step:06d}.png", grid_real, ema, spec, data.shape, device)
+            grid_den = ema if not model_cfg.label_dim else LabelledDenoiser(  # classes 0, 1, … in turn
+                ema, one_hot(torch.arange(grid_real.shape[0]) % model_cfg.label_dim, model_cfg.label_dim))
+            write_grid_pair(outdir / f"samples-{state.step:06d}.png", grid_real, grid_den, spec, data.shape, device)
         logger.event(f"snapshot {snap_dir.name} at {state.nimg / 1000:.3f} kimg" + (" (final)" if final else ""))
         logger.exclude(time.perf_counter() - started)
 
@@ -216,6 +221,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     while state.nimg < total:
         idx = order.indices(state.nimg, cfg.batch)
         y, mask = data.batch(idx)
+        labels = batch_labels(data, idx, model_cfg.label_dim, device)
         g = torch.Generator(device).manual_seed(mix_seed(_STEP, cfg.seed, state.step))
         y, mask = y.to(device), mask.to(device)
         mask_hat = None
@@ -233,7 +239,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(mix_seed(_STEP, cfg.seed, state.step, env.rank))  # dropout, if any
             with autocast:
-                per_image = loss_fn(model, y[mine], mask[mine], mask_hat[mine], sigma=sigma[mine], noise=noise[mine])
+                den = model if labels is None else functools.partial(model, class_labels=labels[mine])
+                per_image = loss_fn(den, y[mine], mask[mine], mask_hat[mine], sigma=sigma[mine], noise=noise[mine])
             loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,7 +9,7 @@ import click
 from ambient.sampling import CLIPS, SOLVERS
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
     """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (ranges inclusive), in the order given."""
     seeds: list[int] = []
     for part in str(text).split(","):
@@ -17,9 +17,9 @@ def parse_seeds(text: str) -> list[int]:
         lo, dash, hi = part.partition("-")
         if not (lo.isdigit() and (not dash or hi.isdigit())):
             raise click.BadParameter(f"{part!r} is not a seed or a range a-b (e.g. 0-49999 or 0,5,10-19)",
-                                     param_hint="--seeds")
+                                     param_hint=flag)
         if dash and int(hi) < int(lo):
-            raise click.BadParameter(f"range {part!r} ends before it starts", param_hint="--seeds")
+            raise click.BadParameter(f"range {part!r} ends before it starts", param_hint=flag)
         seeds.extend(range(int(lo), int(hi if dash else lo) + 1))
     return seeds
 
@@ -46,11 +46,17 @@ def parse_seeds(text: str) -> list[int]:
               help="Clip each prediction: static to [-1, 1], dynamic (0.99 percentile).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None,
+              help="Class-conditional models: every image of class K.")
+@click.option("--classes", "classes_text", default=None,
+              help="Class-conditional models: image i gets the (i mod n)-th class of this list (0-9, 0,3,5) or of "
+                   "'all' classes.")
 def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance_scale, batch, solver, clip, ema,
-                   device):
+                   device, class_idx, classes_text):
     """Generate images from a trained model with the ambient sampler."""
     import torch
 
+    from ambient.conditional import check_classes, model_label_dim, sample_classes
     from ambient.generate import sample_distributed, write_samples
     from ambient.model import load_model
 
@@ -65,10 +71,17 @@ def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance
     if guidance_scale > 0 and num_masks < 2:
         raise click.BadParameter("needs --num-masks >= 2", param_hint="--guidance-scale")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if class_idx is not None and classes_text is not None:
+        raise click.BadParameter("give either --class or --classes, not both", param_hint="--class")
     loaded = load_model(model, use_ema=ema, device=dev)
-    images = sample_distributed(loaded, seeds, batch=batch, num_steps=steps, num_masks=num_masks,
-                                guidance_scale=guidance_scale, solver=solver, clip=clip, device=dev,
-                                progress=True)
+    label_dim = model_label_dim(loaded)
+    classes = ([class_idx] if class_idx is not None else list(range(label_dim)) if classes_text == "all"
+               else parse_seeds(classes_text, "--classes") if classes_text is not None else None)
+    check_classes(loaded, classes)
+    kwargs = dict(batch=batch, num_steps=steps, num_masks=num_masks, guidance_scale=guidance_scale, solver=solver,
+                  clip=clip, device=dev, progress=True)
+    images = (sample_classes(loaded, seeds, classes, sample_distributed, **kwargs) if classes
+              else sample_distributed(loaded, seeds, **kwargs))
     if images is not None:
         path = write_samples(Path(out), images)
         click.echo(f"wrote {len(seeds)} images to {path}")

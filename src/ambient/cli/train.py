@@ -26,6 +26,8 @@ TRAIN_OPTIONS = [
     ("fixed_further", bool, "The paper's variant: Ã fixed per image instead of redrawn each step."),
     ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
     ("arch", click.Choice(ARCHS), "Backbone preset: diffusers UNets, or the paper's DDPM++ (ddpmpp-*)."),
+    ("arch_kwargs", str, "ddpmpp-* only: JSON of network options over the preset, e.g. "
+                         "'{\"model_channels\": 64, \"dropout\": 0.1}' (names of ambient.songunet.SongUNetConfig)."),
     ("batch", int, "Global batch size."),
     ("lr", float, "Adam learning rate (after warm-up)."),
     ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
@@ -37,6 +39,7 @@ TRAIN_OPTIONS = [
     ("augment", float, "Probability of an x-flip per image (image, A and Ã flip together)."),
     ("loss_normalize", click.Choice(NORMALIZATIONS), "mean over observed pixels, or the paper's plain sum."),
     ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
+    ("cond", bool, "Class-conditional (labels from the data; needs a ddpmpp-* --arch); sample with --class."),
     ("seed", int, "Seed of masks, data order and noise."),
     ("snapshot_kimg", float, "Snapshot interval in kimg."),
     ("tick_kimg", float, "Logging interval in kimg (stats.jsonl, TensorBoard)."),
