@@ -163,3 +163,35 @@ def test_sampling_mask_law_from_flags(no_payload_here):
     assert loaded.sampling.corruption == Corruption("dust", 0.9, 0.1, True)
     with pytest.raises(AmbientInputError, match="already exists"):
         import_checkpoint(FIXTURES / "ambient-format.pkl", no_payload_here / "b")
+
+
+def test_conditional_reference_checkpoint(tmp_path, capsys):
+    """A class-conditional network in the reference's format (pickled by torch itself) imports with its
+    label input; its denoiser takes class_labels as EDMPrecond does, and sampling needs a class."""
+    from ambient.ddpmpp import ReferenceDenoiser
+    from ambient.songunet import SongUNet, SongUNetConfig
+
+    torch.manual_seed(0)
+    net = SongUNet(SongUNetConfig(img_resolution=8, in_channels=2, out_channels=2, label_dim=4, model_channels=16,
+                                  channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    sd = OrderedDict(("_orig_mod.model." + k, v) for k, v in net.state_dict().items())
+    pkl = tmp_path / "cond.pkl"
+    pkl.write_bytes(pickle.dumps({"ema": sd, "loss_fn": None, "augment_pipe": None,
+                                  "dataset_kwargs": {"resolution": 8, "use_labels": True,
+                                                     "corruption_probability": 0.5, "delta_probability": 0.1}}))
+    loaded = load_model(import_checkpoint(pkl, tmp_path / "m"))
+    assert (loaded.model.label_dim, loaded.model.img_channels, loaded.sampling.corruption.p) == (4, 1, 0.5)
+    x, mask = torch.randn(3, 1, 8, 8), (torch.rand(3, 1, 8, 8) > 0.5).float()
+    labels = torch.eye(4)[[0, 2, 3]]
+    with torch.no_grad():
+        expected = ReferenceDenoiser(net.eval(), 1)(x, 0.7, mask, class_labels=labels)
+        torch.testing.assert_close(loaded.denoiser(x, 0.7, mask, class_labels=labels), expected)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(tmp_path / "m"), "--num", "1", "--out", str(tmp_path / "s.npz")])
+    assert e.value.code == 2 and "class-conditional (4 classes)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(tmp_path / "m"), "--num", "2", "--class", "3", "--steps", "2",
+              "--out", str(tmp_path / "s.npz")])
+    assert e.value.code == 0 and np.load(tmp_path / "s.npz")["images"].shape == (2, 8, 8, 1)
