@@ -217,3 +217,26 @@ def test_bad_arguments():
         MMPS(p["den"], p["y"], op, 0.1, cg_iters=0)
     with pytest.raises(ValueError, match="step"):
         DPS(p["den"], p["y"], op, 0.1, step=0.0)
+
+
+def test_wrappers_take_the_models_sigma_range_and_schedule():
+    from ambient.denoiser import FullImageDenoiser
+    from ambient.sampling import model_sigmas
+
+    class Own(FullImageDenoiser):
+        sigma_min, sigma_max = 0.01, 20.0
+
+        def schedule(self, n):
+            return torch.linspace(20.0, 0.01, n, dtype=torch.float64).tolist() + [0.0]
+
+        def forward(self, x, sigma):
+            return x
+
+    p = gaussian_problem(0.1)
+    for w in (MMPS(Own(), p["y"], MaskOperator(p["mask"])), Projection(p["den"], p["y"], MaskOperator(p["mask"]))):
+        assert isinstance(w, FullImageDenoiser)
+    w = MMPS(Own(), p["y"], MaskOperator(p["mask"]))
+    assert (w.sigma_min, w.sigma_max) == (0.01, 20.0)
+    assert list(model_sigmas(w, 3)) == Own().schedule(3)
+    plain = Projection(p["den"], p["y"], MaskOperator(p["mask"]))  # a plain callable: EDM's range
+    torch.testing.assert_close(model_sigmas(plain, 4), edm_sigmas(4))

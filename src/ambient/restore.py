@@ -34,7 +34,8 @@ from ambient.io import atomic_save_npz
 from ambient.model import LoadedModel
 from ambient.operators import MaskOperator
 from ambient.posterior import DPS, MMPS, AmbientMean, Projection
-from ambient.sampling import _NOISE_STREAM, edm_sigmas, sample_euler, sample_heun
+from ambient.sampling import _NOISE_STREAM, model_sigmas
+from ambient.solvers import sample_euler, sample_heun
 
 METHODS = ("mmps", "dps", "project", "ambient-mean")
 FULL_IMAGE_METHODS = ("mmps", "dps", "project")
@@ -118,16 +119,6 @@ def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
                                 f"{model_name} is a full-image denoiser; use mmps, dps or project")
 
 
-def model_schedule(denoiser, steps: int) -> torch.Tensor:
-    """The model's own σ schedule if it has one (finetuned DDPMs), else EDM's over its σ range."""
-    own = getattr(denoiser, "schedule", None)
-    sigmas = own(steps) if callable(own) else None
-    if sigmas is None:
-        sigmas = edm_sigmas(steps, float(getattr(denoiser, "sigma_min", 0.002)),
-                            float(getattr(denoiser, "sigma_max", 80.0)))
-    return torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-
-
 def posterior_denoiser(denoiser, cfg: RestoreConfig, y: torch.Tensor, mask: torch.Tensor):
     """The wrapper of ``cfg.method`` around the model's ``denoiser`` for observations (y, mask)."""
     if cfg.method == "ambient-mean":
@@ -149,7 +140,8 @@ def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: 
     y, mask = y.to(device), mask.to(device)
     wrapper = posterior_denoiser(loaded.denoiser, cfg, y, mask)
     # ambient-mean does not depend on x_t: one step (one call) returns it exactly
-    sigmas = model_schedule(loaded.denoiser, 1 if cfg.method == "ambient-mean" else cfg.steps).to(device)
+    steps = 1 if cfg.method == "ambient-mean" else cfg.steps
+    sigmas = torch.as_tensor(model_sigmas(wrapper, steps), dtype=torch.float64).to(device)
     gens = [torch.Generator().manual_seed(mix_seed(_NOISE_STREAM, cfg.seed + j)) for j in rows]
     x = torch.stack([torch.randn(y.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(device)
     solve = sample_heun if cfg.solver == "heun" else sample_euler
