@@ -48,7 +48,7 @@ def _check_arch_kwargs(text: str, arch: str, bad) -> None:
 
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = frozenset({"kimg", "snapshot_kimg", "tick_kimg", "grid_samples", "outdir", "resume",
-                               "device", "max_nonfinite", "compile"})
+                               "device", "max_nonfinite", "compile", "init"})
 
 
 @dataclass
@@ -90,6 +90,7 @@ class TrainConfig:
     max_nonfinite: int = 20
     device: str = "auto"
     resume: str | None = None
+    init: str | None = None  # warm start: a model whose EMA weights start net and EMA (ambient.warmstart)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +144,8 @@ class TrainConfig:
             bad("resolution", f"must be in [8, 512], got {self.resolution}")
         if int(self.batch) != self.batch:
             bad("batch", f"must be an integer, got {self.batch!r}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            bad("init", f"must be a model folder, got {self.init!r}")
         if not self.outdir:
             bad("outdir", "must not be empty")
         return self

@@ -21,6 +21,7 @@ from ambient.config import dataclass_from_dict
 from ambient.corruption import Corruption
 from ambient.denoiser import Denoiser
 from ambient.errors import AmbientInputError
+from ambient.io import read_json
 from ambient.statedict import load_state_dict_strict
 
 
@@ -106,13 +107,25 @@ def build_denoiser(cfg: ModelConfig) -> Denoiser:
     return Denoiser(backbone, cfg.img_channels, cfg.sigma_data, cfg.mask_aware, cfg.mask_channels)
 
 
+# A run folder that holds models in subfolders names the one to use in this file: {"model": "<subfolder>"}.
+MODEL_POINTER = "model_pointer.json"
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """A snapshot folder, or a training outdir (its latest snapshot)."""
+    """A snapshot folder, a training outdir (its latest snapshot), or a folder whose
+    ``model_pointer.json`` names a subfolder that is one of those."""
     p = Path(path)
     if not p.exists():
         raise AmbientInputError(f"--model {p}: no such file or directory")
     if (p / "model.safetensors").is_file() or (p / "COMPLETE").exists():
         return p
+    pointer = p / MODEL_POINTER
+    if pointer.is_file():  # e.g. an EM run: the model of its last finished lap
+        named = read_json(pointer)
+        target = named.get("model") if isinstance(named, dict) else None
+        if not isinstance(target, str) or not (p / target).is_dir():
+            raise AmbientInputError(f"--model {p}: {pointer.name} names no model folder ({target!r})")
+        return resolve_model_dir(p / target)
     latest = latest_snapshot(p) if p.is_dir() else None
     if latest is None:
         raise AmbientInputError(f"--model {p}: not a model (no snapshot-* folder and no model.safetensors)")

@@ -33,6 +33,7 @@ from ambient.loss import AmbientLoss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 from ambient.outdir import RunLogger, check_writable, write_grid_pair
 from ambient.statedict import load_state_dict_strict
+from ambient.warmstart import load_init_weights
 
 _ORDER, _STEP, _INIT = 0x0DE7, 0x57E9, 0x1417
 
@@ -180,6 +181,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         state = TrainState(**{k: int(snap.extra_state[k]) for k in vars(state) if k in snap.extra_state})
         if env.rank == 0:
             log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
+    elif cfg.init is not None:
+        init_dir = load_init_weights(cfg.init, net, ema, model_cfg)
+        if env.rank == 0:
+            log(f"starting from the weights of {init_dir}")
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)

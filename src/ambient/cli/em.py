@@ -1,0 +1,77 @@
+"""`ambient em`: flags → EMConfig → ambient.em.run_em."""
+
+from __future__ import annotations
+
+import click
+
+from ambient.em import EMConfig
+
+_D = EMConfig()
+
+# (field, click type, help). Each becomes --field-name. Values are checked by EMConfig.validate.
+EM_OPTIONS = [
+    ("data", str, "Observations: an npz with 'images' and 'masks', a folder with images/ and masks/, or any "
+                  "ambient train data with --corruption-probability (masks drawn per image as ambient train draws "
+                  "them)."),
+    ("outdir", str, "Run folder; running the same command again resumes where it stopped."),
+    ("data_dir", str, "Folder holding builtin datasets' files."),
+    ("max_size", int, "Use only the first N observations."),
+    ("corruption_pattern", str, "Mask family for drawn masks (dust, box, fixed_box, keep_patch)."),
+    ("corruption_probability", float, "p of drawn masks; 0 with data that has no masks: nothing hidden."),
+    ("mask_full_rgb", bool, "Drawn masks: one draw per pixel for all its channels."),
+    ("laps", int, "Laps: lap 0 = Gaussian completions + training; each further lap = MMPS E-step + training."),
+    ("lap_kimg", float, "M-step training per lap, in thousands of images."),
+    ("estep_size", int, "Observations completed per lap (a seeded subset; default all). Larger than the data: "
+                        "refused."),
+    ("rank", int, "Rank r of the lap-0 Gaussian's covariance (diagonal or isotropic + rank r)."),
+    ("gaussian_noise", str, "The Gaussian's noise: diagonal (one ψ per pixel) or isotropic (probabilistic PCA)."),
+    ("gaussian_iters", int, "Closed-form EM iterations of the Gaussian fit."),
+    ("gaussian_size", int, "Observations the Gaussian is fitted on (a seeded subset)."),
+    ("steps", int, "E-step sampler steps (EDM schedule)."),
+    ("cg_iters", int, "MMPS conjugate-gradient iterations per denoiser call."),
+    ("sigma_y", float, "Observation noise σ_y assumed by MMPS (images in [-1, 1])."),
+    ("solver", str, "E-step ODE solver: heun or euler."),
+    ("estep_batch", int, "Observations per E-step batch (each batch is saved: the unit of resuming)."),
+    ("arch", str, "Backbone preset of the M-step network."),
+    ("batch", int, "M-step batch size."),
+    ("lr", float, "M-step Adam learning rate (the optimizer restarts each lap)."),
+    ("lr_warmup_kimg", float, "M-step learning-rate warm-up, in kimg (each lap)."),
+    ("ema", float, "M-step EMA half-life in kimg."),
+    ("snapshot_kimg", float, "M-step snapshot interval in kimg (the unit of resuming an M-step)."),
+    ("grid_samples", int, "Images in each M-step snapshot's sample grid; 0 disables."),
+    ("seed", int, "Seed of drawn masks, subsets, posterior draws and training."),
+    ("device", str, "auto, cpu, cuda or cuda:N."),
+]
+
+
+def em_options(func):
+    for field, typ, help_text in reversed(EM_OPTIONS):
+        flag = f"--{field.replace('_', '-')}"
+        default = getattr(_D, field)
+        if typ is bool:
+            func = click.option(f"{flag}/--no-{flag[2:]}", field, default=default, help=help_text,
+                                show_default=True)(func)
+        else:
+            func = click.option(flag, field, type=typ, default=default, help=help_text,
+                                show_default=default is not None)(func)
+    return func
+
+
+@click.command("em")
+@em_options
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--progress/--no-progress", default=True, help="Show progress.")
+def em_command(threads, progress, **kwargs):
+    """Learn a full-image diffusion model from masked observations by EM (Gaussian lap 0, then MMPS E-steps)."""
+    import torch
+
+    from ambient.em import run_em
+
+    if threads:
+        torch.set_num_threads(threads)
+    outdir = run_em(EMConfig(**kwargs), progress=progress, log=lambda m: click.echo(m, err=True))
+    click.echo(f"done: {outdir}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(em_command)

@@ -1,0 +1,322 @@
+"""The EM learner (``ambient em``): a full-image diffusion model learnt from masked observations.
+
+Lap 0 fits a Gaussian prior to the observations by closed-form missing-data EM
+(:mod:`ambient.em_gaussian`) and completes them with exact draws of its posterior; lap ℓ ≥ 1
+completes them with posterior samples (MMPS, :mod:`ambient.posterior`) of the model of lap ℓ − 1
+(E-step). Every lap then trains an ordinary full-image EDM model on its completions (M-step:
+``objective="naive"``, no masks), warm-started from the previous lap's EMA weights with a fresh
+optimizer. The run folder::
+
+    RUN/em_config.json         the EMConfig and the data's fingerprint (a resume with other data is refused)
+    RUN/gaussian.npz           the lap-0 prior (mean, loading, noise) and its log-likelihood per iteration
+    RUN/completions/lap-XX.npz the lap's completed images (uint8, ``images``) and the observations' ``index``
+    RUN/lap-XX/                the lap's model: an ordinary training outdir
+    RUN/stats.jsonl            one line per finished lap (E-step time and network calls, M-step loss, wall time)
+    RUN/model_pointer.json     {"model": "lap-XX"}, the last finished lap: ``ambient sample --model RUN`` uses it
+
+Resuming: the same call continues where it stopped: a finished lap is skipped, an E-step keeps
+its finished batches (``completions/lap-XX.parts/``), an M-step resumes from its latest snapshot.
+Draws are per observation (seeded by (seed, lap, index)), so batches do not change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambient.config import ARCHS, TrainConfig, dataclass_from_dict
+from ambient.corruption import PATTERNS, Corruption, mix_seed
+from ambient.data import ImageDataset, float_to_uint8, load_dataset
+from ambient.em_gaussian import NOISES, GaussianPrior, fit_gaussian
+from ambient.errors import AmbientInputError
+from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl
+from ambient.model import MODEL_POINTER, load_model
+from ambient.operators import MaskOperator
+from ambient.posterior import MMPS
+from ambient.sampling import model_sigmas
+from ambient.solvers import sample_euler, sample_heun
+
+_SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
+RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
+
+
+@dataclass
+class EMConfig:
+    """An EM run; field names match the ``ambient em`` flags (``lap_kimg`` ↔ ``--lap-kimg``)."""
+
+    data: str = "builtin:fashion-mnist"
+    outdir: str = "runs/em"
+    data_dir: str | None = None
+    max_size: int | None = None
+    corruption_pattern: str = "dust"  # masks drawn per image when the data has none (as ambient train)
+    corruption_probability: float = 0.0
+    mask_full_rgb: bool = False
+    laps: int = 4
+    lap_kimg: float = 10.0
+    estep_size: int | None = None  # observations completed per lap (None: all)
+    rank: int = 64
+    gaussian_noise: str = "diagonal"
+    gaussian_iters: int = 16
+    gaussian_size: int | None = 10000  # observations the Gaussian is fitted on (None: all)
+    steps: int = 18
+    cg_iters: int = 1
+    sigma_y: float = 1e-3
+    solver: str = "heun"
+    estep_batch: int = 64
+    arch: str = "small"
+    batch: int = 64
+    lr: float = 1e-3
+    lr_warmup_kimg: float = 1.0
+    ema: float = 0.5
+    snapshot_kimg: float = 5.0
+    grid_samples: int = 16
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EMConfig:
+        return dataclass_from_dict(cls, d, "em")
+
+    def validate(self) -> EMConfig:
+        def bad(name: str, why: str):
+            raise AmbientInputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+
+        def is_int(v, lo):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        for name in ("laps", "rank", "steps", "cg_iters", "estep_batch", "batch"):
+            if not is_int(getattr(self, name), 1):
+                bad(name, "must be an integer >= 1")
+        for name in ("estep_size", "gaussian_size", "max_size"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
+                bad(name, "must be an integer >= 1")
+        if not is_int(self.gaussian_iters, 0):
+            bad("gaussian_iters", "must be an integer >= 0")
+        for name in ("lap_kimg", "lr", "snapshot_kimg"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, "must be positive")
+        for name in ("sigma_y", "lr_warmup_kimg", "ema"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(name, "must be >= 0")
+        if not 0 <= self.corruption_probability < 1:
+            bad("corruption_probability", "must be in [0, 1)")
+        for name, allowed in (("corruption_pattern", PATTERNS), ("gaussian_noise", NOISES), ("arch", ARCHS),
+                              ("solver", ("heun", "euler"))):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {', '.join(allowed)}")
+        if not is_int(self.grid_samples, 0):
+            bad("grid_samples", "must be an integer >= 0")
+        if not self.outdir:
+            bad("outdir", "must not be empty")
+        return self
+
+
+def load_observations(cfg: EMConfig) -> ImageDataset:
+    """The observations (y, A): the data's masks, else masks drawn per image as ``ambient train`` draws them."""
+    corruption = (Corruption(cfg.corruption_pattern, cfg.corruption_probability, 0.0, cfg.mask_full_rgb)
+                  if cfg.corruption_probability > 0 else None)
+    return load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, corruption=corruption,
+                        seed=cfg.seed)
+
+
+def fingerprint(y: torch.Tensor, mask: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(y.shape)).encode())
+    h.update(float_to_uint8(y).numpy().tobytes())
+    h.update(mask.to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def subset(n: int, size: int | None, *parts: int) -> torch.Tensor:
+    """Sorted indices of ``size`` of n observations, a pure function of ``parts`` (all when size covers n)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(mix_seed(*parts))
+    return torch.randperm(n, generator=g)[:size].sort().values
+
+
+def mmps_samples(denoiser, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], *, steps: int, cg_iters: int,
+                 sigma_y: float, solver: str = "heun") -> tuple[torch.Tensor, dict]:
+    """One MMPS posterior sample per observation (observed pixels put back), and the network calls.
+
+    Sample i starts from noise drawn by its own generator seeded with ``seeds[i]``.
+    """
+    wrapper = MMPS(denoiser, y, MaskOperator(mask), sigma_y, cg_iters=cg_iters)
+    sigmas = model_sigmas(denoiser, steps).to(y.device)
+    x = torch.stack([torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                     for s in seeds]).to(y.device)
+    solve = sample_heun if solver == "heun" else sample_euler
+    out = solve(wrapper, x * sigmas[0], sigmas).to(y.dtype)
+    return mask * y + (1 - mask) * out, dict(wrapper.calls)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _to_hwc(images: torch.Tensor) -> np.ndarray:
+    return float_to_uint8(images).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class EMRun:
+    """One EM run folder (see the module doc); :meth:`run` does or resumes every lap."""
+
+    def __init__(self, cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool = False):
+        self.cfg = cfg.validate()
+        self.root = Path(cfg.outdir)
+        self.log = log
+        self.progress = progress
+        data = load_observations(cfg)
+        if cfg.estep_size is not None and cfg.estep_size > len(data):
+            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(data)} observations "
+                                    f"in --data {cfg.data}")
+        self.data = data
+        self.y, self.mask = data.batch(torch.arange(len(data)))
+        self.meta = {"fingerprint": fingerprint(self.y, self.mask), "num_images": len(data),
+                     "shape": list(data.shape), "observed_share": float(self.mask.mean())}
+        self._check_resume()
+
+    # ------------------------------------------------------------------ folder
+    def lap_dir(self, lap: int) -> Path:
+        return self.root / f"lap-{lap:02d}"
+
+    def completions_path(self, lap: int) -> Path:
+        return self.root / "completions" / f"lap-{lap:02d}.npz"
+
+    def finished_laps(self) -> list[dict]:
+        path = self.root / "stats.jsonl"
+        return read_jsonl(path) if path.is_file() else []
+
+    def _check_resume(self) -> None:
+        path = self.root / "em_config.json"
+        if not path.is_file():
+            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+                raise AmbientInputError(f"--outdir {self.root}: exists, is not empty and holds no EM run")
+            return
+        saved = read_json(path)
+        old, meta = saved.get("em", {}), saved.get("data", {})
+        if meta.get("fingerprint") != self.meta["fingerprint"]:
+            raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
+                                    f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
+                                    "other pixels or masks); use another --outdir")
+        for key, value in self.cfg.to_dict().items():
+            if key not in RESUMABLE and key in old and old[key] != value:
+                raise AmbientInputError(f"--{key.replace('_', '-')} is {value!r} but the run in {self.root} "
+                                        f"used {old[key]!r}; use the same value or another --outdir")
+
+    # ------------------------------------------------------------------ laps
+    def run(self) -> Path:
+        from ambient.outdir import check_writable
+
+        check_writable(self.root)
+        atomic_write_json(self.root / "em_config.json", {"em": self.cfg.to_dict(), "data": self.meta})
+        done = {row["lap"] for row in self.finished_laps()}
+        for lap in range(self.cfg.laps):
+            if lap in done:
+                continue
+            started = time.perf_counter()
+            extra = self.gaussian_lap() if lap == 0 else self.estep(lap)
+            mstep_started = time.perf_counter()
+            loss = self.mstep(lap)
+            row = {"lap": lap, **extra, "mstep_seconds": time.perf_counter() - mstep_started, "mstep_loss": loss,
+                   "mstep_kimg": self.cfg.lap_kimg, "lap_seconds": time.perf_counter() - started,
+                   "time": time.time()}
+            append_jsonl(self.root / "stats.jsonl", row)
+            atomic_write_json(self.root / MODEL_POINTER, {"model": self.lap_dir(lap).name})
+            self.log(f"lap {lap}: E-step {extra['estep_seconds']:.1f} s, M-step loss {loss}")
+        return self.root
+
+    def gaussian_lap(self) -> dict:
+        """Lap 0's E-step: fit (or reload) the Gaussian prior, then draw its exact posterior completions."""
+        cfg, started = self.cfg, time.perf_counter()
+        path = self.root / "gaussian.npz"
+        if path.is_file():
+            z = _read_npz(path)
+            prior, history = GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
+        else:
+            fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
+            prior, history = fit_gaussian(self.y[fit], self.mask[fit], min(cfg.rank, self.y[0].numel()),
+                                          cfg.gaussian_iters, noise=cfg.gaussian_noise,
+                                          callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
+            atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
+        out = self.completions_path(0)
+        idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, 0)
+        if not out.is_file():
+            seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
+            done = prior.sample_posterior(self.y[idx], self.mask[idx], seeds).float()
+            atomic_save_npz(out, images=_to_hwc(done), index=idx.numpy())
+        return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
+                "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank}
+
+    def estep(self, lap: int) -> dict:
+        """Lap ``lap``'s E-step with the model of lap − 1, a batch at a time (finished batches kept)."""
+        cfg = self.cfg
+        out = self.completions_path(lap)
+        parts = out.with_suffix(".parts")
+        idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, lap)
+        if not out.is_file():
+            from ambient.distributed import resolve_device
+
+            device = resolve_device(cfg.device)
+            loaded = load_model(self.lap_dir(lap - 1), device=device)
+            parts.mkdir(parents=True, exist_ok=True)
+            chunks = [idx[s:s + cfg.estep_batch] for s in range(0, len(idx), cfg.estep_batch)]
+            for k, chunk in enumerate(chunks):
+                part = parts / f"part-{k:05d}.npz"
+                if part.is_file():
+                    continue
+                t0 = time.perf_counter()
+                seeds = [mix_seed(_DRAW, cfg.seed, lap, i) for i in chunk.tolist()]
+                images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device), self.mask[chunk].to(device),
+                                             seeds, steps=cfg.steps, cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y,
+                                             solver=cfg.solver)
+                atomic_save_npz(part, images=_to_hwc(images.cpu()), seconds=np.float64(time.perf_counter() - t0),
+                                forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]))
+                if self.progress:
+                    self.log(f"lap {lap} E-step: {min((k + 1) * cfg.estep_batch, len(idx))}/{len(idx)} images")
+            loaded_parts = [_read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
+            stats = {"estep_seconds": float(sum(p["seconds"] for p in loaded_parts)),
+                     "estep_forward": int(sum(p["forward"] for p in loaded_parts)),
+                     "estep_vjp": int(sum(p["vjp"] for p in loaded_parts)), "estep_images": len(idx)}
+            atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
+                            **{k: np.asarray(v) for k, v in stats.items()})
+            shutil.rmtree(parts, ignore_errors=True)
+        z = _read_npz(out)
+        return {k: (int(z[k]) if k != "estep_seconds" else float(z[k]))
+                for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images")}
+
+    def train_config(self, lap: int) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(data=str(self.completions_path(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
+                           corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
+                           lr_warmup_kimg=cfg.lr_warmup_kimg, kimg=cfg.lap_kimg, ema=cfg.ema,
+                           snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
+                           grid_samples=cfg.grid_samples, seed=mix_seed(_MSTEP, cfg.seed, lap) % 2**31,
+                           device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)
+
+    def mstep(self, lap: int) -> float | None:
+        from ambient.train import train
+
+        train(self.train_config(lap), progress=self.progress, log=self.log)
+        rows = read_jsonl(self.lap_dir(lap) / "stats.jsonl") if (self.lap_dir(lap) / "stats.jsonl").is_file() else []
+        losses = [r.get("loss") for r in rows if r.get("loss") is not None]
+        return float(losses[-1]) if losses else None
+
+
+def run_em(cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Run (or resume) the EM learner as configured; returns the run folder. ``ambient em`` calls this."""
+    return EMRun(replace(cfg), log=log, progress=progress).run()

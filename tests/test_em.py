@@ -1,0 +1,168 @@
+"""`ambient em` on tiny data: folder layout, stats, completions, resume, sampling, warm start, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ambient.em as em_module
+from ambient.cli import main
+from ambient.config import TrainConfig
+from ambient.errors import AmbientInputError
+from ambient.model import load_model
+from ambient.statedict import read_tensors
+from ambient.train import train
+from tests.helpers_data import blobs
+
+TINY = ["--laps", "2", "--lap-kimg", "0.032", "--estep-size", "12", "--rank", "3", "--gaussian-iters", "4",
+        "--steps", "3", "--estep-batch", "5", "--arch", "tiny", "--batch", "8", "--snapshot-kimg", "0.016",
+        "--grid-samples", "0", "--device", "cpu", "--no-progress"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def observations(path, n=24, seed=3):
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=blobs(n, 8, 1, seed=5), masks=(rng.random((n, 8, 8)) < 0.5).astype(np.uint8))
+    return path
+
+
+def ema_weights(lap_dir):
+    snaps = sorted(lap_dir.glob("snapshot-*"))
+    return read_tensors(snaps[-1] / "ema.safetensors", "cpu")[0]
+
+
+def files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "tensorboard" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def em_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("em")
+    obs = observations(root / "obs.npz")
+    with pytest.raises(SystemExit) as exc:
+        main(["em", "--data", str(obs), "--outdir", str(root / "run"), *TINY])
+    assert exc.value.code == 0
+    return root, obs
+
+
+def test_layout_stats_and_completions(em_run):
+    root, obs = em_run
+    run_dir = root / "run"
+    for name in ("em_config.json", "gaussian.npz", "stats.jsonl", "model_pointer.json",
+                 "completions/lap-00.npz", "completions/lap-01.npz", "lap-00/config.json", "lap-01/config.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "completions" / "lap-01.parts").exists()  # merged and removed
+    rows = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [r["lap"] for r in rows] == [0, 1]
+    assert rows[0]["estep_forward"] == 0 and rows[0]["gaussian_rank"] == 3
+    # lap 1: 12 observations in batches of 5 (3 batches), Heun with 3 steps = 5 calls per batch,
+    # MMPS with 1 CG iteration = 1 forward + 2 VJPs per call
+    assert rows[1]["estep_images"] == 12 and rows[1]["estep_forward"] == 3 * 5 and rows[1]["estep_vjp"] == 2 * 3 * 5
+    for r in rows:
+        assert r["mstep_loss"] > 0 and r["lap_seconds"] >= r["mstep_seconds"] > 0
+    assert json.loads((run_dir / "model_pointer.json").read_text()) == {"model": "lap-01"}
+    # completions are full images whose observed pixels are the observations, bit for bit
+    with np.load(obs) as z:
+        images, masks = z["images"], z["masks"].astype(bool)
+    for lap in (0, 1):
+        with np.load(run_dir / "completions" / f"lap-{lap:02d}.npz") as z:
+            done, index = z["images"][..., 0], z["index"]
+        assert done.shape == (12, 8, 8) and len(set(index.tolist())) == 12
+        assert np.array_equal(done[masks[index]], images[index][masks[index]])
+        assert done[~masks[index]].std() > 0  # hidden pixels are filled, not constant
+    # the M-step trains a plain full-image model on the completions, warm-started from the previous lap
+    cfg = json.loads((run_dir / "lap-01" / "config.json").read_text())
+    assert cfg["train"]["objective"] == "naive" and cfg["train"]["init"].endswith("lap-00")
+    assert cfg["model"]["mask_channels"] is False and cfg["data"]["has_data_masks"] is False
+
+
+def test_sample_from_the_run_folder(em_run, capsys):
+    root, _ = em_run
+    loaded = load_model(root / "run")
+    assert loaded.path.parent.name == "lap-01"
+    code, _, err = run(["sample", "--model", str(root / "run"), "--num", "3", "--steps", "2",
+                        "--out", str(root / "samples.npz")], capsys)
+    assert code == 0, err
+    with np.load(root / "samples.npz") as z:
+        assert z["images"].shape[0] == 3
+
+
+def test_resume_after_a_crash_ends_as_an_uninterrupted_run(em_run, tmp_path, monkeypatch, capsys):
+    root, obs = em_run
+    real = em_module.mmps_samples
+    calls = {"n": 0}
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(em_module, "mmps_samples", crash_on_second_batch)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["em", "--data", str(obs), "--outdir", str(out), *TINY])
+    assert len(list((out / "completions" / "lap-01.parts").glob("part-*.npz"))) == 1  # one E-step batch kept
+    assert json.loads((out / "model_pointer.json").read_text()) == {"model": "lap-00"}
+    monkeypatch.setattr(em_module, "mmps_samples", real)
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY], capsys)
+    assert code == 0, err
+    for lap in ("lap-00", "lap-01"):
+        a, b = ema_weights(root / "run" / lap), ema_weights(out / lap)
+        assert all(torch.equal(a[k], b[k]) for k in a), lap
+    with np.load(root / "run" / "completions" / "lap-01.npz") as za, np.load(out / "completions" / "lap-01.npz") as zb:
+        assert np.array_equal(za["images"], zb["images"])
+    # a finished run: running again changes nothing
+    before = (out / "stats.jsonl").read_text()
+    assert run(["em", "--data", str(obs), "--outdir", str(out), *TINY], capsys)[0] == 0
+    assert (out / "stats.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("case", ["laps0", "estep_size", "other_data", "other_rank", "not_em_folder"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(em_run, tmp_path, case, capsys):
+    root, obs = em_run
+    out, args = tmp_path / "new", list(TINY)
+    if case == "laps0":
+        args[args.index("--laps") + 1] = "0"
+    elif case == "estep_size":
+        args[args.index("--estep-size") + 1] = "25"
+    elif case in ("other_data", "other_rank"):
+        out = root / "run"
+        if case == "other_data":
+            obs = observations(tmp_path / "other.npz", seed=4)
+        else:
+            args[args.index("--rank") + 1] = "2"
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = files(out) if out.exists() else None
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *args], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    flag = {"laps0": "--laps", "estep_size": "--estep-size", "other_data": "--data", "other_rank": "--rank",
+            "not_em_folder": "--outdir"}[case]
+    assert flag in err
+    assert (files(out) if out.exists() else None) == before
+
+
+def test_warm_start_takes_the_ema_weights_and_refuses_another_network(em_run, tmp_path):
+    root, _ = em_run
+    data = str(root / "run" / "completions" / "lap-00.npz")
+    base = dict(data=data, objective="naive", corruption_probability=0.0, batch=8, kimg=0.008, grid_samples=0,
+                device="cpu", lr=1e-12, lr_warmup_kimg=0.0)
+    train(TrainConfig(outdir=str(tmp_path / "warm"), arch="tiny", init=str(root / "run"), **base), progress=False)
+    start, got = ema_weights(root / "run" / "lap-01"), ema_weights(tmp_path / "warm")
+    assert all(torch.allclose(start[k], got[k], atol=1e-8) for k in start)
+    train(TrainConfig(outdir=str(tmp_path / "cold"), arch="tiny", **base), progress=False)
+    cold = ema_weights(tmp_path / "cold")
+    assert not all(torch.allclose(start[k], cold[k], atol=1e-3) for k in start)
+    with pytest.raises(AmbientInputError, match="--init .*differs"):
+        train(TrainConfig(outdir=str(tmp_path / "other"), arch="small", init=str(root / "run"), **base),
+              progress=False)
+    assert not (tmp_path / "other" / "config.json").exists()
