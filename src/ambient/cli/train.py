@@ -41,6 +41,8 @@ TRAIN_OPTIONS = [
     ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
     ("cond", bool, "Class-conditional (labels from the data; needs a ddpmpp-* --arch); sample with --class."),
     ("seed", int, "Seed of masks, data order and noise."),
+    ("init", str, "Warm start: a model (outdir or snapshot) whose EMA weights start the network and its EMA; "
+                  "same architecture only; the optimizer starts afresh. Ignored when resuming."),
     ("snapshot_kimg", float, "Snapshot interval in kimg."),
     ("tick_kimg", float, "Logging interval in kimg (stats.jsonl, TensorBoard)."),
     ("grid_samples", int, "Images in each snapshot's sample grid; 0 disables."),
