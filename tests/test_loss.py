@@ -164,3 +164,53 @@ def test_loss_input_validation():
         AmbientLoss()(den, y, torch.ones(2, 1, 8, 7), a)
     with pytest.raises(ValueError, match="normalize"):
         AmbientLoss(normalize="median")
+
+
+# ---------------------------------------------------------------- loss objects for training
+def test_edm_loss_is_the_ambient_loss_with_everything_visible():
+    """EDMLoss (naive / clean baseline) shares AmbientLoss's call signature and equals it at A = Ã = 1,
+    whatever masks it is given; its network takes no mask."""
+    from ambient.loss import EDMLoss, training_loss
+
+    den = tiny_denoiser(1, 8)
+    c = Corruption("dust", 0.6, 0.3)
+    y = torch.rand(4, 1, 8, 8, generator=gen(1)) * 2 - 1
+    a = c.mask(y.shape, gen(2))
+    a_hat = c.further(a, gen(3))
+    sigma, noise = torch.tensor([0.1, 0.5, 2.0, 9.0]), torch.randn(y.shape, generator=gen(4))
+    ones = torch.ones_like(y)
+    with torch.no_grad():
+        plain = EDMLoss()(den, y, a, a_hat, sigma=sigma, noise=noise)
+        torch.testing.assert_close(plain, AmbientLoss()(den, y, ones, ones, sigma=sigma, noise=noise), rtol=0, atol=0)
+        assert not torch.equal(plain, AmbientLoss()(den, y, a, a_hat, sigma=sigma, noise=noise))
+    assert isinstance(training_loss("naive"), EDMLoss) and not training_loss("naive").mask_input
+    assert type(training_loss("ambient")) is AmbientLoss and training_loss("ambient").mask_input
+    with pytest.raises(ValueError, match="objective"):
+        training_loss("clean")
+
+
+def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
+    """draw() gives the same inputs for the same generator seed; flips move A and Ã with the image;
+    a fixed Ã depends only on (seed, image index); EDMLoss draws all-ones masks."""
+    from ambient.loss import EDMLoss
+
+    c = Corruption("dust", 0.5, 0.4)
+    y = torch.rand(6, 1, 4, 5, generator=gen(0)) * 2 - 1
+    a = c.mask(y.shape, gen(1))
+    a[3] = a[1]  # image index 1 appears twice, with its mask
+    idx = torch.tensor([3, 1, 4, 1, 5, 9])
+    loss = AmbientLoss(further=c)
+    d1, d2 = loss.draw(y, a, idx, gen(7), 0.5), loss.draw(y, a, idx, gen(7), 0.5)
+    for f in ("y", "mask", "mask_hat", "noise_level", "noise"):
+        assert torch.equal(getattr(d1, f), getattr(d2, f)), f
+    flipped = ~torch.all(d1.y == y, dim=(1, 2, 3))
+    assert flipped.any() and not flipped.all()
+    assert torch.equal(d1.mask[flipped], a[flipped].flip(-1)) and torch.equal(d1.mask[~flipped], a[~flipped])
+    assert bool((d1.mask_hat <= d1.mask).all()) and d1.noise_level.shape == (6,)
+    fixed = AmbientLoss(further=c, fixed_further=True, seed=11)
+    f1, f2 = fixed.draw(y, a, idx, gen(1)), fixed.draw(y, a, idx, gen(2))
+    assert torch.equal(f1.mask_hat, f2.mask_hat) and torch.equal(f1.mask_hat[1], f1.mask_hat[3])  # index 1 twice
+    e = EDMLoss().draw(y, a, idx, gen(7), 0.5)
+    assert torch.equal(e.mask, torch.ones_like(y)) and torch.equal(e.mask_hat, e.mask)
+    part = d1[1:3]
+    assert torch.equal(part.noise, d1.noise[1:3]) and torch.equal(part.mask_hat, d1.mask_hat[1:3])

@@ -9,15 +9,24 @@ the loss. Normalisation: ``mean`` divides by the number of pixels observed under
 gradient scale does not shrink as p grows); ``sum`` is the paper's plain sum. With A = Ã = 1
 (p = δ = 0) and ``sum`` this is exactly the EDM loss (Karras et al. 2022, eq. 2 with λ(σ)
 of Table 1); with ``mean`` it is that divided by the pixel count.
+
+Training objectives are loss objects chosen once (:func:`training_loss`), as in EDM: a training
+loop calls ``inputs = loss.draw(y, mask, indices, generator, augment)`` on the global batch (the
+step's flips, further masks Ã, σ and noise, always in the same order) and
+``loss.per_image(net, inputs[part])`` on its share, and never asks which objective it runs.
+:class:`AmbientLoss` grades on A with a network that sees Ã; :class:`EDMLoss` is plain EDM on the
+images as if they were clean (the naive baseline on A ⊙ x0; the clean baseline when p = 0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from ambient.corruption import check_mask
+from ambient.corruption import Corruption, check_mask
+from ambient.data import augment_batch
 
 NORMALIZATIONS = ("mean", "sum")
 
@@ -32,15 +41,40 @@ def check_loss_inputs(y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tenso
         raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
 
 
+@dataclass
+class LossInputs:
+    """One training step's batch and randomness: images y, masks A and Ã, noise level and noise.
+
+    ``noise_level`` is σ (EDM losses) or the timestep t (DDPM losses, ambient.finetune).
+    ``inputs[part]`` selects images (e.g. one process's share of the global batch).
+    """
+
+    y: torch.Tensor
+    mask: torch.Tensor
+    mask_hat: torch.Tensor
+    noise_level: torch.Tensor
+    noise: torch.Tensor
+
+    def __getitem__(self, part) -> LossInputs:
+        return LossInputs(self.y[part], self.mask[part], self.mask_hat[part], self.noise_level[part], self.noise[part])
+
+
 class AmbientLoss:
     """Callable ``loss(denoiser, y, mask, mask_hat, generator=None) -> (N,)`` per-image losses.
 
     ``denoiser`` is called as ``denoiser(x, sigma, mask_hat)`` with x = Ã ⊙ (y + σn).
     ``sigma`` and ``noise`` may be passed to fix the randomness (tests, Monte Carlo).
+
+    As a training objective (:meth:`draw`, :meth:`per_image`), ``further`` is the law of Ã
+    (a :class:`~ambient.corruption.Corruption`; its δ); ``fixed_further`` holds Ã fixed per
+    image (the paper's variant, a function of ``seed`` and the image index).
     """
 
+    mask_input = True  # the network sees Ã (as extra channels); the sampler reproduces the mask law
+
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
-                 normalize: str = "mean"):
+                 normalize: str = "mean", *, further: Corruption | None = None, fixed_further: bool = False,
+                 seed: int = 0):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if P_std <= 0 or sigma_data <= 0:
@@ -48,6 +82,8 @@ class AmbientLoss:
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_data = float(sigma_data)
         self.normalize = normalize
+        self.further = further if further is not None else Corruption()
+        self.fixed_further, self.seed = bool(fixed_further), int(seed)
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """σ ~ exp(N(P_mean, P_std²)), shape (n,)."""
@@ -76,3 +112,62 @@ class AmbientLoss:
         if self.normalize == "mean":
             per_image = per_image / mask.flatten(1).sum(dim=1).clamp_min(1.0)
         return self.weight(sigma) * per_image
+
+    def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+             augment: float = 0.0) -> LossInputs:
+        """The step's randomness for a (global) batch, in this order: flips (if ``augment`` > 0; the
+        fixed Ã flips with its image), Ã (unless fixed), σ, noise; all from ``generator``."""
+        mask_hat = None
+        if self.fixed_further:
+            mask_hat = self.further.further_for_indices(self.seed, indices.tolist(), mask)
+        if augment > 0:
+            y, mask, mask_hat = augment_batch(y, mask, augment, generator, extra=mask_hat)
+        if mask_hat is None:
+            mask_hat = self.further.further(mask, generator)
+        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        noise = torch.randn(y.shape, generator=generator, device=y.device)
+        return LossInputs(y, mask, mask_hat, sigma, noise)
+
+    def per_image(self, net: Callable, inputs: LossInputs) -> torch.Tensor:
+        """Per-image losses of ``net`` on drawn inputs (see :meth:`draw`)."""
+        return self(net, inputs.y, inputs.mask, inputs.mask_hat, sigma=inputs.noise_level, noise=inputs.noise)
+
+
+class EDMLoss(AmbientLoss):
+    """Plain EDM: every pixel taken as observed and visible (A = Ã = 1), whatever masks are given.
+
+    On data observed through masks this is the naive baseline (A ⊙ x0 taken as clean); on clean
+    data (p = 0) it is the clean baseline. Same call signature as :class:`AmbientLoss`; its
+    network has no mask input (``mask_input`` False) and its sampler uses none.
+    """
+
+    mask_input = False
+
+    def __call__(self, denoiser: Callable, y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor,
+                 generator: torch.Generator | None = None, *, sigma: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        ones = torch.ones_like(y)
+        return super().__call__(denoiser, y, ones, ones, generator, sigma=sigma, noise=noise)
+
+    def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+             augment: float = 0.0) -> LossInputs:
+        """Flips (if ``augment`` > 0), σ, noise; A and Ã are all ones."""
+        if augment > 0:
+            y, mask, _ = augment_batch(y, mask, augment, generator)
+        ones = torch.ones_like(mask)
+        sigma = self.sample_sigma(y.shape[0], generator, y.device)
+        noise = torch.randn(y.shape, generator=generator, device=y.device)
+        return LossInputs(y, ones, ones, sigma, noise)
+
+
+OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
+
+
+def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
+                  further: Corruption | None = None, fixed_further: bool = False, seed: int = 0) -> AmbientLoss:
+    """The loss object of a training objective (``ambient`` or ``naive``); the only place that
+    looks at the objective's name."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
+                                 fixed_further=fixed_further, seed=seed)

@@ -26,10 +26,10 @@ from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, sn
 from ambient.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
 from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.corruption import Corruption, mix_seed
-from ambient.data import ImageDataset, augment_batch, load_dataset, resolve_mask_full_rgb
+from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.io import atomic_write_json
-from ambient.loss import AmbientLoss
+from ambient.loss import training_loss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 from ambient.outdir import RunLogger, check_writable, write_grid_pair
 from ambient.statedict import load_state_dict_strict
@@ -195,7 +195,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
                        start_nimg=state.nimg)
     if env.rank == 0:
         atomic_write_json(outdir / "config.json", run_config)
-    loss_fn = AmbientLoss(sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize)
+    loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
+                            further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed)
     order = EpochOrder(len(data), cfg.seed)
     total = int(round(cfg.kimg * 1000))
     per_rank = cfg.batch // env.world_size
@@ -229,23 +230,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         labels = batch_labels(data, idx, model_cfg.label_dim, device)
         g = torch.Generator(device).manual_seed(mix_seed(_STEP, cfg.seed, state.step))
         y, mask = y.to(device), mask.to(device)
-        mask_hat = None
-        if cfg.objective == "ambient" and cfg.fixed_further:
-            mask_hat = cfg.corruption.further_for_indices(cfg.seed, idx.tolist(), mask)  # the paper's fixed Ã
-        if cfg.augment > 0:
-            y, mask, mask_hat = augment_batch(y, mask, cfg.augment, g, extra=mask_hat)
-        if cfg.objective == "naive":
-            mask = torch.ones_like(mask)
-            mask_hat = mask
-        elif mask_hat is None:
-            mask_hat = cfg.corruption.further(mask, g)
-        sigma = loss_fn.sample_sigma(cfg.batch, g, device)
-        noise = torch.randn(y.shape, generator=g, device=device)
+        inputs = loss_fn.draw(y, mask, idx, g, cfg.augment)  # flips, Ã, σ, noise of the global batch
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(mix_seed(_STEP, cfg.seed, state.step, env.rank))  # dropout, if any
             with autocast:
                 den = model if labels is None else functools.partial(model, class_labels=labels[mine])
-                per_image = loss_fn(den, y[mine], mask[mine], mask_hat[mine], sigma=sigma[mine], noise=noise[mine])
+                per_image = loss_fn.per_image(den, inputs[mine])
             loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
