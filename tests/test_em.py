@@ -166,3 +166,28 @@ def test_warm_start_takes_the_ema_weights_and_refuses_another_network(em_run, tm
         train(TrainConfig(outdir=str(tmp_path / "other"), arch="small", init=str(root / "run"), **base),
               progress=False)
     assert not (tmp_path / "other" / "config.json").exists()
+
+
+def test_init_from_an_ambient_model_changes_only_the_hidden_pixels_of_lap_0(em_run, tmp_path, capsys):
+    root, obs = em_run
+    code, _, err = run(["train", "--data", str(obs), "--outdir", str(tmp_path / "amb"), "--arch", "tiny",
+                        "--batch", "8", "--kimg", "0.016", "--snapshot-kimg", "0.016", "--grid-samples", "0",
+                        "--delta-probability", "0.2", "--no-progress"], capsys)
+    assert code == 0, err
+    args = list(TINY)
+    args[args.index("--laps") + 1] = "1"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "run"), *args,
+                        "--init", str(tmp_path / "amb")], capsys)
+    assert code == 0, err
+    with np.load(obs) as z:
+        masks = z["masks"].astype(bool)
+    with np.load(root / "run" / "completions" / "lap-00.npz") as za, \
+            np.load(tmp_path / "run" / "completions" / "lap-00.npz") as zb:
+        a, b, index = za["images"][..., 0], zb["images"][..., 0], za["index"]
+    observed = masks[index]
+    assert np.array_equal(a[observed], b[observed])
+    assert np.abs(a[~observed].astype(int) - b[~observed].astype(int)).mean() > 1
+    # a full-image model is not an ambient model: refused before anything is written
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "bad"), *args,
+                        "--init", str(root / "run" / "lap-00")], capsys)
+    assert code == 2 and "--init" in err and not (tmp_path / "bad").exists()

@@ -21,7 +21,6 @@ Draws are per observation (seeded by (seed, lap, index)), so batches do not chan
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
@@ -34,15 +33,12 @@ import torch
 
 from ambient.config import ARCHS, TrainConfig, dataclass_from_dict
 from ambient.corruption import PATTERNS, Corruption, mix_seed
-from ambient.data import ImageDataset, float_to_uint8, load_dataset
+from ambient.data import ImageDataset, load_dataset
 from ambient.em_gaussian import NOISES, GaussianPrior, fit_gaussian
+from ambient.em_steps import ambient_mean, fingerprint, mmps_samples, read_npz, subset, to_hwc
 from ambient.errors import AmbientInputError
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl
 from ambient.model import MODEL_POINTER, load_model
-from ambient.operators import MaskOperator
-from ambient.posterior import MMPS
-from ambient.sampling import model_sigmas
-from ambient.solvers import sample_euler, sample_heun
 
 _SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
 RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
@@ -80,6 +76,7 @@ class EMConfig:
     grid_samples: int = 16
     seed: int = 0
     device: str = "auto"
+    init: str | None = None  # an ambient (mask-input) model: lap 0 = its posterior mean + the Gaussian's residual
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,46 +129,6 @@ def load_observations(cfg: EMConfig) -> ImageDataset:
                         seed=cfg.seed)
 
 
-def fingerprint(y: torch.Tensor, mask: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(str(tuple(y.shape)).encode())
-    h.update(float_to_uint8(y).numpy().tobytes())
-    h.update(mask.to(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def subset(n: int, size: int | None, *parts: int) -> torch.Tensor:
-    """Sorted indices of ``size`` of n observations, a pure function of ``parts`` (all when size covers n)."""
-    if size is None or size >= n:
-        return torch.arange(n)
-    g = torch.Generator().manual_seed(mix_seed(*parts))
-    return torch.randperm(n, generator=g)[:size].sort().values
-
-
-def mmps_samples(denoiser, y: torch.Tensor, mask: torch.Tensor, seeds: list[int], *, steps: int, cg_iters: int,
-                 sigma_y: float, solver: str = "heun") -> tuple[torch.Tensor, dict]:
-    """One MMPS posterior sample per observation (observed pixels put back), and the network calls.
-
-    Sample i starts from noise drawn by its own generator seeded with ``seeds[i]``.
-    """
-    wrapper = MMPS(denoiser, y, MaskOperator(mask), sigma_y, cg_iters=cg_iters)
-    sigmas = model_sigmas(denoiser, steps).to(y.device)
-    x = torch.stack([torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                     for s in seeds]).to(y.device)
-    solve = sample_heun if solver == "heun" else sample_euler
-    out = solve(wrapper, x * sigmas[0], sigmas).to(y.dtype)
-    return mask * y + (1 - mask) * out, dict(wrapper.calls)
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _to_hwc(images: torch.Tensor) -> np.ndarray:
-    return float_to_uint8(images).permute(0, 2, 3, 1).contiguous().numpy()
-
-
 class EMRun:
     """One EM run folder (see the module doc); :meth:`run` does or resumes every lap."""
 
@@ -188,7 +145,21 @@ class EMRun:
         self.y, self.mask = data.batch(torch.arange(len(data)))
         self.meta = {"fingerprint": fingerprint(self.y, self.mask), "num_images": len(data),
                      "shape": list(data.shape), "observed_share": float(self.mask.mean())}
+        self.init_model = self._load_init() if cfg.init is not None else None
         self._check_resume()
+
+    def _load_init(self):
+        try:
+            loaded = load_model(self.cfg.init)
+        except AmbientInputError as exc:
+            raise AmbientInputError(str(exc).replace("--model", "--init", 1)) from None
+        if not loaded.sampling.uses_masks or loaded.model is None or not loaded.model.mask_channels:
+            raise AmbientInputError(f"--init {self.cfg.init}: not an ambient (mask-input) model; lap 0 starts from "
+                                    "an ambient model's posterior mean")
+        if tuple(loaded.image_shape) != tuple(self.data.shape):
+            raise AmbientInputError(f"--init {self.cfg.init}: trained on images of shape {loaded.image_shape}, the "
+                                    f"observations are {tuple(self.data.shape)}")
+        return loaded
 
     # ------------------------------------------------------------------ folder
     def lap_dir(self, lap: int) -> Path:
@@ -245,7 +216,7 @@ class EMRun:
         cfg, started = self.cfg, time.perf_counter()
         path = self.root / "gaussian.npz"
         if path.is_file():
-            z = _read_npz(path)
+            z = read_npz(path)
             prior, history = GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
         else:
             fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
@@ -257,8 +228,13 @@ class EMRun:
         idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, 0)
         if not out.is_file():
             seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
-            done = prior.sample_posterior(self.y[idx], self.mask[idx], seeds).float()
-            atomic_save_npz(out, images=_to_hwc(done), index=idx.numpy())
+            y, mask = self.y[idx], self.mask[idx]
+            done = prior.sample_posterior(y, mask, seeds)
+            if self.init_model is not None:  # the ambient model's mean + the Gaussian posterior's residual
+                done = done - prior.posterior_mean(y, mask) + ambient_mean(self.init_model.denoiser, y, mask)
+                done = mask * y + (1 - mask) * done
+            done = done.float()
+            atomic_save_npz(out, images=to_hwc(done), index=idx.numpy())
         return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
                 "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank}
 
@@ -284,18 +260,18 @@ class EMRun:
                 images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device), self.mask[chunk].to(device),
                                              seeds, steps=cfg.steps, cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y,
                                              solver=cfg.solver)
-                atomic_save_npz(part, images=_to_hwc(images.cpu()), seconds=np.float64(time.perf_counter() - t0),
+                atomic_save_npz(part, images=to_hwc(images.cpu()), seconds=np.float64(time.perf_counter() - t0),
                                 forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]))
                 if self.progress:
                     self.log(f"lap {lap} E-step: {min((k + 1) * cfg.estep_batch, len(idx))}/{len(idx)} images")
-            loaded_parts = [_read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
+            loaded_parts = [read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
             stats = {"estep_seconds": float(sum(p["seconds"] for p in loaded_parts)),
                      "estep_forward": int(sum(p["forward"] for p in loaded_parts)),
                      "estep_vjp": int(sum(p["vjp"] for p in loaded_parts)), "estep_images": len(idx)}
             atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
                             **{k: np.asarray(v) for k, v in stats.items()})
             shutil.rmtree(parts, ignore_errors=True)
-        z = _read_npz(out)
+        z = read_npz(out)
         return {k: (int(z[k]) if k != "estep_seconds" else float(z[k]))
                 for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images")}
 

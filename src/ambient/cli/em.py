@@ -40,6 +40,8 @@ EM_OPTIONS = [
     ("snapshot_kimg", float, "M-step snapshot interval in kimg (the unit of resuming an M-step)."),
     ("grid_samples", int, "Images in each M-step snapshot's sample grid; 0 disables."),
     ("seed", int, "Seed of drawn masks, subsets, posterior draws and training."),
+    ("init", str, "An ambient (mask-input) model trained on these observations: lap 0's completions become its "
+                  "posterior mean plus the Gaussian posterior's residual (draw minus the Gaussian's mean)."),
     ("device", str, "auto, cpu, cuda or cuda:N."),
 ]
 
