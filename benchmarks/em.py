@@ -1,0 +1,199 @@
+"""EM benchmark: the EM learner (``ambient em``) beside clean, naive and ambient training on Fashion-MNIST, p = 0.8.
+
+The baselines are benchmarks/validate.py's models of the same mode (``runs/validate/<mode>/<key>``: trained
+there, or here with validate's own settings when missing, so both scripts share them). The EM run sees the
+same observations as ambient p = 0.8 (dust masks drawn from the same seed) and the same number of training
+images in total (laps × lap kimg = the baselines' kimg), with the same backbone, batch and learning rate.
+
+Per lap ℓ: its model's samples (seeds 0..N−1, Heun 18 steps, plain full-image sampling) scored like
+validate's (FID, KID, SWD against the first --num-ref clean test images); the KID of the lap's completions
+(the images its M-step trained on; lap 0: exact posterior draws of the Gaussian prior) and their PSNR on the
+hidden pixels against the clean training images; E-step and M-step wall times.
+
+    python benchmarks/em.py --quick --threads 1   # pipeline check: 1.5 kimg per model, 2 laps, N = 64
+    python benchmarks/em.py --threads 2           # full: 60 kimg, 6 laps × 10 kimg, 2000 completions per lap
+
+Writes docs/em.md (full mode) or docs/em_<mode>.md (labelled as such), the per-lap curve and the sample
+grid beside it, and rows ``"method": "em"`` with ``"lap"`` in docs/results.json (table "em", this mode's
+rows replaced). Every stage resumes (ambient em resumes itself; samples are cached in each lap's folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambient.data import float_to_uint8, load_images
+from ambient.em import EMConfig, load_observations, run_em
+from ambient.generate import sample_model
+from ambient.io import atomic_save_npz, atomic_write_text, read_jsonl
+from ambient.model import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import validate  # noqa: E402
+from em_report import write_curve, write_markdown  # noqa: E402
+from validate_report import read_rows, write_figure  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+P = 0.8
+MODES = {
+    "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=8, gaussian_size=2000),
+    "full": dict(laps=6, estep_size=2000, steps=18, rank=64, gaussian_iters=16, gaussian_size=10000),
+}
+log = validate.log
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=tuple(MODES), default="full")
+    ap.add_argument("--quick", action="store_true", help="same as --mode quick")
+    ap.add_argument("--out-dir", default=None, help="EM runs folder (default runs/em/<mode>)")
+    ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
+    ap.add_argument("--validate-dir", default=None, help="validate.py's run folder (default runs/validate/<mode>)")
+    ap.add_argument("--with-init", action="store_true",
+                    help="also run EM with --init = the ambient p = 0.8 model (lap 0 from its posterior mean)")
+    ap.add_argument("--threads", type=int, default=None)
+    for key in MODES["full"]:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
+    for flag in ("--kimg", "--num-samples", "--num-ref"):  # passed on to validate's settings (default: its mode's)
+        ap.add_argument(flag, default=None)
+    ap.add_argument("--cg-iters", type=int, default=1)
+    ap.add_argument("--sigma-y", type=float, default=1e-3)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.mode = "quick"
+    for key, value in MODES[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    val_argv = ["--mode", args.mode] + (["--out-dir", args.validate_dir] if args.validate_dir else [])
+    for key in ("kimg", "num_samples", "num_ref"):
+        if getattr(args, key) is not None:
+            val_argv += [f"--{key.replace('_', '-')}", getattr(args, key)]
+    args.val = validate.parse_args(val_argv)  # the baselines' settings, exactly validate's
+    args.out_dir = Path(args.out_dir or ROOT / "runs" / "em" / args.mode)
+    return args
+
+
+def em_config(args, init: str | None = None) -> EMConfig:
+    v = args.val
+    lap_kimg = v.kimg / args.laps
+    name = f"em-p{P:g}" + ("-init" if init else "")
+    return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), corruption_probability=P, init=init,
+                    laps=args.laps, lap_kimg=lap_kimg, estep_size=args.estep_size, rank=args.rank,
+                    gaussian_iters=args.gaussian_iters, gaussian_size=args.gaussian_size, steps=args.steps,
+                    cg_iters=args.cg_iters, sigma_y=args.sigma_y, estep_batch=64, arch=v.arch, batch=v.batch,
+                    lr=v.lr, ema=max(lap_kimg / 8, 0.1), snapshot_kimg=max(lap_kimg / 2, 0.5), seed=v.seed)
+
+
+def lap_samples(lap_dir: Path, n: int) -> tuple[torch.Tensor, float]:
+    path = lap_dir / f"em-samples-n{n}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return torch.from_numpy(f["images"]), float(f["seconds"])
+    t0 = time.perf_counter()
+    u8 = float_to_uint8(sample_model(load_model(lap_dir), list(range(n)), batch=100, num_steps=18))
+    seconds = time.perf_counter() - t0
+    atomic_save_npz(path, images=u8.numpy(), seconds=np.array(seconds))
+    return u8, seconds
+
+
+def hidden_psnr(done: torch.Tensor, index: torch.Tensor, clean: torch.Tensor, masks: torch.Tensor) -> float:
+    """PSNR (peak-to-peak 2 in [-1, 1]) of the completions on the pixels their observations hide."""
+    x = done.float() / 127.5 - 1
+    ref = clean[index].float() / 127.5 - 1
+    hidden = masks[index] == 0
+    mse = float(((x - ref)[hidden] ** 2).mean())
+    return 10 * np.log10(4.0 / max(mse, 1e-12))
+
+
+def em_rows(args, cfg: EMConfig, scorer, base: dict, method: str = "em") -> tuple[list[dict], dict]:
+    run = Path(cfg.outdir)
+    stats = {r["lap"]: r for r in read_jsonl(run / "stats.jsonl")}
+    clean = load_images(validate.DATA)
+    masks = load_observations(cfg).batch(torch.arange(clean.shape[0]))[1]
+    rows, samples, elapsed = [], {}, 0.0
+    for lap in sorted(stats):
+        s = stats[lap]
+        elapsed += s["lap_seconds"]
+        u8, sample_s = lap_samples(run / f"lap-{lap:02d}", args.val.num_samples)
+        samples[lap] = u8
+        with np.load(run / "completions" / f"lap-{lap:02d}.npz") as z:
+            done = torch.from_numpy(z["images"]).permute(0, 3, 1, 2)
+            index = torch.from_numpy(z["index"])
+        comp = scorer.score(done[: max(args.val.num_samples, 2)])
+        rows.append({**base, "table": "em", "method": method, "lap": lap, "p": P, "delta": 0.0,
+                     "kimg": round((lap + 1) * cfg.lap_kimg, 4), "train_s": elapsed, "sample_s": sample_s,
+                     "estep_s": s["estep_seconds"], "mstep_s": s["mstep_seconds"], "estep_forward": s["estep_forward"],
+                     "estep_vjp": s["estep_vjp"], "estep_images": s["estep_images"],
+                     "completions_kid": comp["kid"], "completions_kid_std": comp["kid_std"],
+                     "hidden_psnr": hidden_psnr(done, index, clean, masks), **scorer.score(u8)})
+        r = rows[-1]
+        log(f"{method} lap {lap}: KID {r['kid']:.4f}  FID {r['fid']:.1f}  completions KID {r['completions_kid']:.4f}  "
+            f"hidden PSNR {r['hidden_psnr']:.2f} dB")
+    return rows, samples
+
+
+def publish(args, cfg: EMConfig, rows: list[dict], samples: dict, argv, started: float) -> None:
+    docs = Path(args.docs_dir)
+    suffix = "" if args.mode == "full" else f"_{args.mode}"
+    figs = {"curve": f"em_laps{suffix}.png", "grid": f"em_samples{suffix}.png"}
+    write_curve(docs / figs["curve"], rows)
+    em = [r for r in rows if r["method"].startswith("em")]
+    grid = [("clean data", validate.corrupted_examples(0.0, 0.0, 12, args.val.seed)),
+            (f"observed p={P:g}", validate.corrupted_examples(P, 0.0, 12, args.val.seed))]
+    grid += [(f"{key}", u8[:12]) for key, u8 in samples.items()]
+    write_figure(docs / figs["grid"], grid)
+    words = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    meta = {"mode": args.mode, "command": "python " + " ".join(shlex.quote(a) for a in words),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - started,
+            "threads": torch.get_num_threads(), "em": cfg.to_dict(), "figures": figs,
+            "val": {k: getattr(args.val, k) for k in ("kimg", "arch", "batch", "lr", "num_samples", "num_ref", "seed")}}
+    atomic_write_text(docs / f"em{suffix}.md", write_markdown(rows, meta))
+    path = docs / "results.json"
+    old = [r for r in read_rows(path) if not (r.get("table") == "em" and r.get("mode") == args.mode)]
+    keep = ("method", "lap", "p", "delta", "fid", "kid", "kid_std", "swd", "kimg", "table", "mode", "arch",
+            "num_samples", "num_ref", "train_s", "sample_s", "estep_s", "mstep_s", "completions_kid", "hidden_psnr")
+    atomic_write_text(path, json.dumps(old + [{k: r.get(k) for k in keep} for r in em], indent=1) + "\n")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    v = args.val
+    read_rows(Path(args.docs_dir) / "results.json")
+    base = dict(mode=args.mode, arch=v.arch, num_ref=v.num_ref)
+    scorer = validate.Scorer(v.num_ref, v.seed)
+    rows, samples = [], {}
+    for m in (validate.Method("clean", 0.0, 0.0), validate.Method("naive", P, 0.0),
+              validate.Method("ambient", P, v.delta)):
+        rec = validate.train_stage(m, v, v.out_dir)
+        u8, sec = validate.sample_stage(m, v.out_dir, v.kimg, v.num_samples, 1, 18)
+        samples[m.name] = u8
+        rows.append({**base, "table": "baseline", "method": m.name, "p": m.p, "delta": m.delta, "kimg": v.kimg,
+                     "train_s": rec["train_s"], "sample_s": sec, **scorer.score(u8)})
+        log(f"{m.key}: KID {rows[-1]['kid']:.4f}  FID {rows[-1]['fid']:.1f}")
+    ambient_dir = str(v.out_dir / validate.Method("ambient", P, v.delta).key)
+    ordered = {"ambient": samples["ambient"]}
+    for method, init in [("em", None)] + ([("em-init", ambient_dir)] if args.with_init else []):
+        cfg = em_config(args, init)
+        log(f"{method}: {cfg.laps} laps × {cfg.lap_kimg:g} kimg, {cfg.estep_size} completions per lap, MMPS "
+            f"{cfg.steps} steps, Gaussian rank {cfg.rank}; run in {cfg.outdir}")
+        run_em(cfg, log=log)
+        lap_rows, lap_samples_ = em_rows(args, cfg, scorer, base, method)
+        rows += lap_rows
+        ordered[f"{method} lap {max(lap_samples_)}"] = lap_samples_[max(lap_samples_)]
+        publish(args, em_config(args), rows, {**ordered, "clean-trained": samples["clean"]}, argv, started)
+    log(f"wrote docs ({(time.perf_counter() - started) / 60:.1f} min this run)")
+
+
+if __name__ == "__main__":
+    main()
