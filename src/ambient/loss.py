@@ -58,6 +58,11 @@ class LossInputs:
     def __getitem__(self, part) -> LossInputs:
         return LossInputs(self.y[part], self.mask[part], self.mask_hat[part], self.noise_level[part], self.noise[part])
 
+    def to(self, device) -> LossInputs:
+        """Images, masks and noise on ``device`` (the noise level stays where it is)."""
+        return LossInputs(self.y.to(device), self.mask.to(device), self.mask_hat.to(device), self.noise_level,
+                          self.noise.to(device))
+
 
 class AmbientLoss:
     """Callable ``loss(denoiser, y, mask, mask_hat, generator=None) -> (N,)`` per-image losses.

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ambient import distributed as dist_utils
-from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
+from ambient.checkpoint import load_snapshot, save_snapshot, snapshot_name
 from ambient.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
-from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
+from ambient.config import RESUMABLE_CHANGES, TrainConfig
 from ambient.corruption import Corruption, mix_seed
 from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
@@ -33,9 +33,20 @@ from ambient.loss import training_loss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 from ambient.outdir import RunLogger, check_writable, write_grid_pair
 from ambient.statedict import load_state_dict_strict
+from ambient.training import (
+    INIT_STREAM,
+    STEP_STREAM,
+    EpochOrder,
+    NonFiniteGuard,
+    check_resume_compatible,
+    ema_beta,
+    guarded_step,
+    resume_source,
+    update_ema,
+)
 from ambient.warmstart import load_init_weights
 
-_ORDER, _STEP, _INIT = 0x0DE7, 0x57E9, 0x1417
+_STEP, _INIT = STEP_STREAM, INIT_STREAM
 
 
 @dataclass
@@ -44,28 +55,6 @@ class TrainState:
     nimg: int = 0
     skipped: int = 0
     consecutive_skipped: int = 0
-
-
-class EpochOrder:
-    """Global sample positions → dataset indices; each epoch a fresh permutation from (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(mix_seed(_ORDER, self.seed, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        pos = torch.arange(start, start + count)
-        out = torch.empty(count, dtype=torch.long)
-        for epoch in pos.div(self.n, rounding_mode="floor").unique().tolist():
-            sel = pos // self.n == epoch
-            out[sel] = self._permutation(epoch)[pos[sel] % self.n]
-        return out
 
 
 def model_config_for(cfg: TrainConfig, data: ImageDataset) -> ModelConfig:
@@ -83,20 +72,7 @@ def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
 
 
 def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
-    if cfg.resume == RESUME_LATEST:
-        snap = latest_snapshot(outdir) if outdir.is_dir() else None
-        if snap is None:
-            raise AmbientInputError(f"--resume: --outdir {outdir} holds no snapshot to resume from")
-        return snap
-    if cfg.resume:
-        p = Path(cfg.resume)
-        if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-            return p
-        snap = latest_snapshot(p) if p.is_dir() else None
-        if snap is None:
-            raise AmbientInputError(f"--resume {p}: no snapshot to resume from")
-        return snap
-    return latest_snapshot(outdir) if outdir.is_dir() else None
+    return resume_source(outdir, cfg.resume)  # --resume: None (latest if any), "latest" (required) or a path
 
 
 def _saved_mask_full_rgb(source: Path | None) -> bool | None:
@@ -128,20 +104,7 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, so
     if old_shape is not None and list(old_shape) != list(new_shape):
         raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
                                 f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
-    old = saved.get("train", {})
-    for key, new_value in cfg.to_dict().items():
-        if key in RESUMABLE_CHANGES or key not in old:
-            continue
-        if old[key] != new_value:
-            raise AmbientInputError(f"--{key.replace('_', '-')} is {new_value!r} but the run in {source} used "
-                                    f"{old[key]!r}; use the same value or another --outdir")
-
-
-def _ema_beta(cfg: TrainConfig, nimg: int, batch: int) -> float:
-    halflife = cfg.ema * 1000
-    if cfg.ema_rampup > 0:
-        halflife = min(halflife, nimg * cfg.ema_rampup)
-    return 0.5 ** (batch / max(halflife, 1e-8))
+    check_resume_compatible(saved.get("train", {}), cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
@@ -223,6 +186,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         logger.exclude(time.perf_counter() - started)
 
     net.train()
+    params = list(net.parameters())
     steps_this_run = 0
     while state.nimg < total:
         idx = order.indices(state.nimg, cfg.batch)
@@ -239,28 +203,18 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
             loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        norm_limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), norm_limit)
         global_loss = float(dist_utils.mean_across(loss.detach(), env))  # ranks must agree on skipping
-        if not bool(torch.isfinite(grad_norm)) or not math.isfinite(global_loss):
-            state.skipped += 1
-            state.consecutive_skipped += 1
-            opt.zero_grad(set_to_none=True)
-            if state.consecutive_skipped >= cfg.max_nonfinite:
-                logger.close()
-                raise TrainingDiverged(f"training stopped at {state.nimg / 1000:.3f} kimg: "
-                                       f"{state.consecutive_skipped} consecutive steps had a non-finite loss or "
-                                       f"gradient (lower --lr, or check the data); last snapshot kept in {outdir}")
-        else:
-            state.consecutive_skipped = 0
-            lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            beta = _ema_beta(cfg, state.nimg + cfg.batch, cfg.batch)
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), net.parameters()):
-                    p_ema.lerp_(p.detach(), 1.0 - beta)
+        lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
+        guard = NonFiniteGuard(cfg.max_nonfinite, state.skipped, state.consecutive_skipped)
+        try:
+            stepped = guarded_step(opt, params, guard, loss=global_loss, max_grad_norm=cfg.max_grad_norm, lr=lr,
+                                   where=f"{state.nimg / 1000:.3f} kimg", outdir=outdir)
+        except TrainingDiverged:
+            logger.close()
+            raise
+        state.skipped, state.consecutive_skipped = guard.skipped, guard.consecutive
+        if stepped:
+            update_ema(ema, net, ema_beta(cfg.ema, cfg.ema_rampup, state.nimg + cfg.batch, cfg.batch))
         state.step += 1
         state.nimg += cfg.batch
         steps_this_run += 1

@@ -17,7 +17,8 @@ x_t = x/√(1+σ²) and ᾱ = 1/(1+σ²) is used exactly in the x0 formula. Only
 the UNet's embedding is approximated: ``timestep_mode="interpolate"`` (default) gives the
 fractional t at which log σ_t, linear between neighbouring integer timesteps, equals log σ;
 ``"nearest"`` the integer t with the closest log σ_t. Both clamp to [0, T−1] and agree on the
-model's own σ_t, which :meth:`FinetunedDenoiser.sampling_sigmas` returns.
+model's own σ_t, which :meth:`FinetunedDenoiser.sampling_sigmas` returns. The conversions live in
+one object, :class:`ambient.finetune.schedule.DDPMSchedule`, shared with the finetuning loss.
 """
 
 from __future__ import annotations
@@ -33,17 +34,12 @@ from ambient.corruption import Corruption
 from ambient.denoiser import MaskDenoiser
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import TIMESTEP_MODES
-from ambient.finetune.objective import (
-    HIDDEN_X0,
-    alpha_bar_from_sigma,
-    alphas_cumprod,
-    sigma_from_alpha_bar,
-    x0_from_output,
-)
+from ambient.finetune.objective import HIDDEN_X0, x0_from_output
 from ambient.finetune.pretrained import EMBEDDING_FILE, MaskedUNet, load_embedding, unet_class
+from ambient.finetune.schedule import SPACINGS, DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod
 from ambient.io import atomic_write_json
 
-SPACINGS = ("linear", "karras")
+__all__ = ["KIND", "SPACINGS", "FinetunedDenoiser", "export_finetuned", "load_finetuned"]
 KIND = "finetune"
 
 
@@ -71,20 +67,13 @@ class FinetunedDenoiser(MaskDenoiser):
             raise ValueError(f"hidden_x0 must be one of {HIDDEN_X0}, got {hidden_x0!r}")
         if timestep_mode not in TIMESTEP_MODES:
             raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {timestep_mode!r}")
-        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         self.net = net
         self.prediction_type = prediction_type
         self.hidden_x0 = hidden_x0
         self.timestep_mode = timestep_mode
         self.corruption = corruption
         self.data_survival = data_survival
-        self.register_buffer("alphas_cumprod", ab, persistent=False)
-        sigmas = sigma_from_alpha_bar(ab.clamp(1e-12, 1.0))
-        log_sigmas = sigmas.clamp_min(1e-12).log()
-        if ab.numel() > 1 and not bool((log_sigmas[1:] > log_sigmas[:-1]).all()):
-            raise ValueError("alphas_cumprod must decrease strictly with t")
-        self.register_buffer("sigmas", sigmas, persistent=False)
-        self.register_buffer("log_sigmas", log_sigmas, persistent=False)
+        self.ddpm = DDPMSchedule(alphas_cumprod)  # σ ↔ timestep; its buffers follow the module's device
 
     @property
     def img_channels(self) -> int:
@@ -92,11 +81,11 @@ class FinetunedDenoiser(MaskDenoiser):
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return float(self.ddpm.sigmas[0])
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return float(self.ddpm.sigmas[-1])
 
     def schedule(self, num_steps: int) -> torch.Tensor:
         """The model's own σ's (:meth:`sampling_sigmas` with linear spacing)."""
@@ -105,45 +94,15 @@ class FinetunedDenoiser(MaskDenoiser):
     @property
     def timestep_sigmas(self) -> torch.Tensor:
         """σ_t of every training timestep t = 0..T−1 (float64, increasing)."""
-        return self.sigmas
+        return self.ddpm.sigmas
 
     def timestep_for_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The (fractional or nearest integer) timestep for each σ; see the module doc."""
-        ls = self.log_sigmas
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=ls.device).reshape(-1).clamp_min(1e-12).log()
-        if ls.numel() == 1:
-            return torch.zeros_like(s)
-        if self.timestep_mode == "nearest":
-            return (s[:, None] - ls[None]).abs().argmin(dim=1).to(torch.float64)
-        hi = torch.searchsorted(ls, s).clamp(1, ls.numel() - 1)
-        lo = hi - 1
-        frac = (s - ls[lo]) / (ls[hi] - ls[lo])
-        return (lo.to(torch.float64) + frac).clamp(0.0, ls.numel() - 1.0)
+        """The (fractional or nearest integer) timestep for each σ (:meth:`DDPMSchedule.sigma_to_t`)."""
+        return self.ddpm.sigma_to_t(sigma, self.timestep_mode)
 
     def sampling_sigmas(self, num_steps: int, spacing: str = "linear", rho: float = 7.0) -> torch.Tensor:
-        """Decreasing σ's of the model's own timesteps, from σ_{T−1} to σ_0, then a final 0.
-
-        ``linear``: ``num_steps`` timesteps evenly spaced in t (rounded; T−1 and 0 included).
-        ``karras``: EDM's σ^(1/ρ)-uniform levels between σ_0 and σ_{T−1}, each snapped to the
-        nearest timestep, duplicates dropped (so possibly fewer than ``num_steps``).
-        Returns float64 (K + 1,), ready for :func:`ambient.sampling.sample_heun`.
-        """
-        total = self.log_sigmas.numel()
-        if int(num_steps) != num_steps or not 1 <= num_steps <= total:
-            raise ValueError(f"num_steps must be an integer in [1, {total}], got {num_steps!r}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        if spacing == "linear":
-            ts = torch.linspace(total - 1, 0, int(num_steps), dtype=torch.float64).round().long()
-        else:
-            from ambient.sampling import edm_sigmas
-
-            sig = self.timestep_sigmas
-            levels = edm_sigmas(int(num_steps), float(sig[0]), float(sig[-1]), rho)[:-1].to(sig.device)
-            ts = (levels.log()[:, None] - self.log_sigmas[None]).abs().argmin(dim=1)
-        ts = torch.unique_consecutive(ts)
-        sigmas = self.timestep_sigmas[ts].cpu()
-        return torch.cat([sigmas, sigmas.new_zeros(1)])
+        """The model's own decreasing σ's, ending in 0 (:meth:`DDPMSchedule.sampling_sigmas`)."""
+        return self.ddpm.sampling_sigmas(num_steps, spacing, rho)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         sigma = sigma.to(torch.float64)

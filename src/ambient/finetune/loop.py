@@ -9,6 +9,8 @@ the pretrained model), ``stats.jsonl`` (one line per ``log_every`` steps),
 Randomness is a pure function of (seed, step): image order is a permutation per epoch seeded
 by (seed, epoch), and the further masks, timesteps, noise and flips of micro-batch m of step s
 come from a generator seeded by (seed, s, m). A resumed run therefore continues exactly.
+Data order, the guarded optimizer step (clipping, skipped non-finite steps), EMA updates, where
+to resume and the resume check come from :mod:`ambient.training`, shared with ``ambient train``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ambient.checkpoint import latest_snapshot, load_snapshot, save_snapshot, snapshot_name
+from ambient.checkpoint import load_snapshot, save_snapshot, snapshot_name
 from ambient.corruption import mix_seed
-from ambient.data import ImageDataset, augment_batch, load_dataset, resolve_mask_full_rgb
+from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
 from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import IDENTITY_KEYS, FinetuneConfig
@@ -38,8 +40,18 @@ from ambient.finetune.pretrained import (
 )
 from ambient.io import append_jsonl, atomic_write_json
 from ambient.statedict import load_state_dict_strict
+from ambient.training import (
+    STEP_STREAM,
+    EpochOrder,
+    NonFiniteGuard,
+    check_resume_compatible,
+    guarded_step,
+    resume_source,
+    update_ema,
+)
 
-_ORDER_STREAM, _STEP_STREAM = 0x0DE7, 0x57E9
+# No --max-nonfinite flag for finetuning (yet): this many non-finite steps in a row stop the run.
+MAX_NONFINITE = 20
 
 
 def load_data(config: FinetuneConfig, saved_full_rgb: bool | None = None) -> tuple[FinetuneConfig, ImageDataset]:
@@ -88,23 +100,6 @@ def _check_fit(net: MaskedUNet, ds: ImageDataset, config: FinetuneConfig) -> Non
                                 f"needs sides divisible by {m} (use --resolution)")
 
 
-class _Order:
-    """Image index sequence: a fresh permutation per epoch, a pure function of (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._cache = n, seed, {}
-
-    def take(self, start: int, count: int) -> list[int]:
-        out = []
-        for k in range(start, start + count):
-            epoch, pos = divmod(k, self.n)
-            if epoch not in self._cache:
-                self._cache = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                    mix_seed(_ORDER_STREAM, self.seed, epoch)))}
-            out.append(int(self._cache[epoch][pos]))
-        return out
-
-
 def _model_section(net: MaskedUNet, scheduler, config: FinetuneConfig, ds: ImageDataset, step: int) -> dict:
     return {"unet_class": type(net.unet).__name__, "img_channels": net.img_channels,
             "mask_mode": net.mask_mode, "hidden_x0": config.hidden_x0,
@@ -123,16 +118,15 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
     log = log or (lambda _msg: None)
     outdir = Path(config.outdir)
     device = resolve_device(config.device)
-    snap_dir = latest_snapshot(outdir) if config.resume else None
+    snap_dir = resume_source(outdir, None if config.resume else "none")
     snap = load_snapshot(snap_dir) if snap_dir is not None else None
     old = snap.config.get("finetune", {}) if snap is not None else {}
     saved_full_rgb = old.get("mask_full_rgb") if isinstance(old.get("mask_full_rgb"), bool) else None
     config, ds = load_data(config, saved_full_rgb)
     if snap is not None:
-        diff = [k for k in IDENTITY_KEYS if old.get(k) != getattr(config, k)]
-        if diff:
-            raise AmbientInputError(f"--outdir {outdir}: holds a run with different {', '.join(diff)}; "
-                                    "use a new --outdir or --no-resume")
+        may_change = set(config.to_dict()) - set(IDENTITY_KEYS)
+        check_resume_compatible(old, config.to_dict(), may_change, snap_dir,
+                                fresh_start="another --outdir (or --no-resume)")
         net, scheduler = _rebuild(snap)
         start = int(snap.extra_state["step"])
         log(f"resuming from {snap_dir} (step {start})")
@@ -151,8 +145,11 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
             for group in opt.param_groups:
                 group["lr"] = config.lr
     loss_fn = FinetuneLoss(alphas_cumprod(scheduler), str(scheduler.config.prediction_type), config.hidden_x0,
-                           config.loss_weight, config.snr_gamma)
-    corr, order = config.corruption(), _Order(len(ds), config.seed)
+                           config.loss_weight, config.snr_gamma, further=config.corruption())
+    order = EpochOrder(len(ds), config.seed)
+    saved = snap.extra_state if snap is not None else {}
+    guard = NonFiniteGuard(MAX_NONFINITE, int(saved.get("skipped", 0)), int(saved.get("consecutive_skipped", 0)))
+    params = list(net.unet.parameters())
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(outdir / "finetune_options.json", config.to_dict())
     snap_config = {"kind": "finetune-snapshot", "finetune": config.to_dict(),
@@ -161,7 +158,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
                    "sampling": _sampling_section(config, ds)}
 
     def snapshot(step: int) -> None:
-        extra = {"step": step}
+        extra = {"step": step, "skipped": guard.skipped, "consecutive_skipped": guard.consecutive}
         if net.embedding is not None:
             extra["embedding"] = net.embedding.detach().cpu()
         save_snapshot(outdir / snapshot_name(step), config=snap_config, model=net.unet.state_dict(),
@@ -174,21 +171,17 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(config.grad_accum):
-            g = torch.Generator().manual_seed(mix_seed(_STEP_STREAM, config.seed, step, micro))
-            idx = order.take((step - 1) * per_step + micro * config.batch, config.batch)
+            g = torch.Generator().manual_seed(mix_seed(STEP_STREAM, config.seed, step, micro))
+            idx = order.indices((step - 1) * per_step + micro * config.batch, config.batch)
             y, mask = ds.batch(idx)
-            mask_hat = corr.further(mask, generator=g)
-            y, mask, mask_hat = augment_batch(y, mask, config.xflip, generator=g, extra=mask_hat)
-            loss = loss_fn(net, y.to(device), mask.to(device), mask_hat.to(device), g).mean()
+            inputs = loss_fn.draw(y, mask, idx, g, config.xflip)  # Ã, flips, t, noise
+            loss = loss_fn.per_image(net, inputs.to(device)).mean()
             (loss / config.grad_accum).backward()
             total += float(loss.detach()) / config.grad_accum
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.unet.parameters(), config.grad_clip)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for pe, p in zip(ema.unet.parameters(), net.unet.parameters()):
-                    pe.lerp_(p.detach(), 1.0 - config.ema)
+        stepped = guarded_step(opt, params, guard, loss=total, max_grad_norm=config.grad_clip,
+                               where=f"step {step}", outdir=outdir)
+        if stepped and ema is not None:
+            update_ema(ema.unet, net.unet, config.ema)
         losses.append(total)
         if step % config.log_every == 0 or step == config.steps:
             now = time.perf_counter()

@@ -37,25 +37,17 @@ from collections.abc import Callable
 
 import torch
 
-from ambient.loss import check_loss_inputs
+from ambient.corruption import Corruption
+from ambient.data import augment_batch
+from ambient.finetune.schedule import DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod, sigma_from_alpha_bar
+from ambient.loss import LossInputs, check_loss_inputs
+
+# The σ ↔ ᾱ helpers are defined in ambient.finetune.schedule; importable from here as before.
+__all__ = ["HIDDEN_X0", "WEIGHTINGS", "FinetuneLoss", "alpha_bar_from_sigma", "alphas_cumprod",
+           "sigma_from_alpha_bar", "x0_from_output"]
 
 HIDDEN_X0 = ("direct", "formula")
 WEIGHTINGS = ("min-snr", "x0")
-
-
-def alphas_cumprod(scheduler) -> torch.Tensor:
-    """ᾱ_t of a DDPM scheduler as float64 (T,), clamped to [1e-12, 1]."""
-    return torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp(1e-12, 1.0)
-
-
-def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
-    """EDM noise level of a DDPM noise level: σ = √((1−ᾱ)/ᾱ) (so x_t = (x0 + σn)/√(1+σ²))."""
-    return ((1.0 - alpha_bar) / alpha_bar).sqrt()
-
-
-def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
-    """ᾱ = 1/(1+σ²), the inverse of :func:`sigma_from_alpha_bar`."""
-    return 1.0 / (1.0 + sigma**2)
 
 
 def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str,
@@ -88,10 +80,13 @@ class FinetuneLoss:
     ``net`` is called as ``net(x_in, timesteps, mask_hat)`` with x_in = Ã ⊙ x_t and returns the
     raw prediction (see :class:`ambient.finetune.pretrained.MaskedUNet`). ``timesteps`` and
     ``noise`` may be passed to fix the randomness (tests, evaluation).
+
+    As a training objective it has the interface of :class:`ambient.loss.AmbientLoss`
+    (:meth:`draw`, :meth:`per_image`); ``further`` is the law of Ã (its δ).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, hidden_x0: str = "direct",
-                 weighting: str = "min-snr", snr_gamma: float = 5.0):
+                 weighting: str = "min-snr", snr_gamma: float = 5.0, *, further: Corruption | None = None):
         if hidden_x0 not in HIDDEN_X0:
             raise ValueError(f"hidden_x0 must be one of {HIDDEN_X0}, got {hidden_x0!r}")
         if weighting not in WEIGHTINGS:
@@ -99,19 +94,22 @@ class FinetuneLoss:
         if not snr_gamma > 0:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
         self.weighting, self.snr_gamma = weighting, float(snr_gamma)
-        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        if self.alphas_cumprod.ndim != 1 or self.alphas_cumprod.numel() < 1:
-            raise ValueError("alphas_cumprod must be a non-empty 1-D tensor")
+        self.ddpm = DDPMSchedule(alphas_cumprod, strict=False)  # t → ᾱ_t; ᾱ need not be strictly monotone here
         self.prediction_type = prediction_type
         self.hidden_x0 = hidden_x0
+        self.further = further if further is not None else Corruption()
 
     @property
     def num_timesteps(self) -> int:
-        return self.alphas_cumprod.numel()
+        return self.ddpm.num_timesteps
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.ddpm.alphas_cumprod
 
     def weight(self, timesteps: torch.Tensor) -> torch.Tensor:
         """w(t) per image (float64): 1 for ``x0``, min(SNR_t, γ) for ``min-snr``."""
-        a = self.alphas_cumprod[timesteps]
+        a = self.ddpm.alpha_bar(timesteps)
         if self.weighting == "x0":
             return torch.ones_like(a)
         return (a / (1.0 - a).clamp_min(1e-12)).clamp(max=self.snr_gamma)
@@ -129,7 +127,7 @@ class FinetuneLoss:
             noise = torch.randn(y.shape, generator=generator,
                                 device=generator.device if generator is not None else "cpu")
         noise = noise.to(y.device, y.dtype)
-        a = self.alphas_cumprod[timesteps].to(y.device, y.dtype).reshape(n, 1, 1, 1)
+        a = self.ddpm.alpha_bar(timesteps).to(y.device, y.dtype).reshape(n, 1, 1, 1)
         y = torch.where(mask > 0, y, torch.zeros_like(y))  # values where A = 0 are never used
         x_in = mask_hat * (a.sqrt() * y + (1.0 - a).sqrt() * noise)
         out = net(x_in, timesteps.to(y.device), mask_hat)
@@ -137,3 +135,17 @@ class FinetuneLoss:
         err = (mask * (x0 - y)) ** 2
         per_image = err.flatten(1).sum(dim=1) / mask.flatten(1).sum(dim=1).clamp_min(1.0)
         return self.weight(timesteps).to(y.device, y.dtype) * per_image
+
+    def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+             augment: float = 0.0) -> LossInputs:
+        """One micro-batch's randomness, in this order: Ã, flips (drawn even when ``augment`` is 0),
+        timesteps t, noise; all from ``generator``, on its device."""
+        mask_hat = self.further.further(mask, generator=generator)
+        y, mask, mask_hat = augment_batch(y, mask, augment, generator=generator, extra=mask_hat)
+        timesteps = torch.randint(0, self.num_timesteps, (y.shape[0],), generator=generator, device=generator.device)
+        noise = torch.randn(y.shape, generator=generator, device=generator.device)
+        return LossInputs(y, mask, mask_hat, timesteps, noise)
+
+    def per_image(self, net: Callable, inputs: LossInputs) -> torch.Tensor:
+        """Per-image losses of ``net`` on drawn inputs (see :meth:`draw`)."""
+        return self(net, inputs.y, inputs.mask, inputs.mask_hat, timesteps=inputs.noise_level, noise=inputs.noise)
