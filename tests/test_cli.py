@@ -196,3 +196,21 @@ def test_guidance_needs_two_masks(tmp_path, capsys):
     code, _, err = run(["sample", "--model", str(tmp_path), "--num", "2", "--out", str(tmp_path / "s.npz"),
                         "--guidance-scale", "1"], capsys)
     assert code == 2 and "--guidance-scale" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_falls_back_to_digits_with_a_one_line_notice(tmp_path, capsys, monkeypatch):
+    import ambient.readers as readers
+    from ambient.cli.demo import demo_data
+
+    monkeypatch.setattr(readers, "SYSTEM_FASHION_DIR", tmp_path / "no-such-dir")
+    monkeypatch.delenv("AMBIENT_DATA", raising=False)
+    data, resolution, notice = demo_data("builtin:fashion-mnist", None)
+    assert (data, resolution) == ("builtin:digits", 28) and notice.startswith("notice: Fashion-MNIST not found")
+    assert demo_data("some.npz", None) == ("some.npz", None, None)  # an explicit --data is never replaced
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--outdir", str(out), "--kimg", "0.032", "--arch", "tiny", "--no-progress"],
+                           capsys)
+    assert code in (0, None), err
+    assert [line for line in err.splitlines() if line.startswith("notice:")] == [notice]
+    assert (out / "demo.png").is_file() and "wrote" in stdout
+    assert __import__("json").loads((out / "config.json").read_text())["data"]["shape"] == [1, 28, 28]
