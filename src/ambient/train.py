@@ -107,26 +107,10 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, so
     check_resume_compatible(saved.get("train", {}), cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
-    """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this."""
-    cfg.validate()
-    outdir = Path(cfg.outdir)
-    world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
-    if cfg.batch % world:
-        raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
-    env = dist_utils.init_from_env(cfg.device)
-    device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
-    source = _resume_source(cfg, outdir)
-    cfg, data, law = _load_data_with_law(cfg, source)
-    if env.rank == 0 and data.has_data_masks and data.channels > 1 and cfg.objective == "ambient":
-        log(f"mask law: {law}")
-    model_cfg = model_config_for(cfg, data)
-    spec = sampling_spec_for(cfg, data)
-    run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
-                  "data": {"num_images": len(data), "shape": list(data.shape),
-                           "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
-    if env.rank == 0:
-        check_writable(outdir)
+def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict, source: Path | None, device,
+                     log) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, TrainState]:
+    """The network (initialised from the seed), its EMA copy, the optimizer and the training state:
+    fresh, warm-started from ``cfg.init``, or restored from the snapshot ``source``."""
     state = TrainState()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(_INIT, cfg.seed))
@@ -142,12 +126,37 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         if snap.optimizer is not None:
             opt.load_state_dict(snap.optimizer)
         state = TrainState(**{k: int(snap.extra_state[k]) for k in vars(state) if k in snap.extra_state})
-        if env.rank == 0:
-            log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
+        log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
     elif cfg.init is not None:
         init_dir = load_init_weights(cfg.init, net, ema, model_cfg)
-        if env.rank == 0:
-            log(f"starting from the weights of {init_dir}")
+        log(f"starting from the weights of {init_dir}")
+    return net, ema, opt, state
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
+    """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this."""
+    cfg.validate()
+    outdir = Path(cfg.outdir)
+    world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
+    if cfg.batch % world:
+        raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
+    env = dist_utils.init_from_env(cfg.device)
+    device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
+    source = _resume_source(cfg, outdir)
+    cfg, data, law = _load_data_with_law(cfg, source)
+    model_cfg = model_config_for(cfg, data)
+    loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
+                            further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed)
+    if env.rank == 0 and data.has_data_masks and data.channels > 1 and loss_fn.mask_input:
+        log(f"mask law: {law}")
+    spec = sampling_spec_for(cfg, data)
+    run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
+                  "data": {"num_images": len(data), "shape": list(data.shape),
+                           "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
+    if env.rank == 0:
+        check_writable(outdir)
+    net, ema, opt, state = _build_or_resume(cfg, model_cfg, run_config, source, device,
+                                            log if env.rank == 0 else (lambda _m: None))
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)
@@ -158,8 +167,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
                        start_nimg=state.nimg)
     if env.rank == 0:
         atomic_write_json(outdir / "config.json", run_config)
-    loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
-                            further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed)
     order = EpochOrder(len(data), cfg.seed)
     total = int(round(cfg.kimg * 1000))
     per_rank = cfg.batch // env.world_size

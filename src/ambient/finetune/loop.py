@@ -112,12 +112,9 @@ def _sampling_section(config: FinetuneConfig, ds: ImageDataset) -> dict:
             "data_survival": ds.observed_share if ds.has_data_masks else None}
 
 
-def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -> Path:
-    """Run (or resume) a finetuning run; returns ``outdir`` holding the exported model."""
-    config.validate()
-    log = log or (lambda _msg: None)
-    outdir = Path(config.outdir)
-    device = resolve_device(config.device)
+def _build_or_resume(config: FinetuneConfig, outdir: Path, device, log: Callable[[str], None]):
+    """(config with its mask law resolved, data, net, scheduler, EMA copy or None, optimizer, snapshot or None):
+    built from the pretrained model, or restored from the latest snapshot in ``outdir`` (unless --no-resume)."""
     snap_dir = resume_source(outdir, None if config.resume else "none")
     snap = load_snapshot(snap_dir) if snap_dir is not None else None
     old = snap.config.get("finetune", {}) if snap is not None else {}
@@ -128,11 +125,9 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
         check_resume_compatible(old, config.to_dict(), may_change, snap_dir,
                                 fresh_start="another --outdir (or --no-resume)")
         net, scheduler = _rebuild(snap)
-        start = int(snap.extra_state["step"])
-        log(f"resuming from {snap_dir} (step {start})")
+        log(f"resuming from {snap_dir} (step {int(snap.extra_state['step'])})")
     else:
         net, scheduler = build_model(config)
-        snap, start = None, 0
     _check_fit(net, ds, config)
     net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False) if config.ema > 0 else None
@@ -144,6 +139,17 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
             opt.load_state_dict(snap.optimizer)
             for group in opt.param_groups:
                 group["lr"] = config.lr
+    return config, ds, net, scheduler, ema, opt, snap
+
+
+def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Run (or resume) a finetuning run; returns ``outdir`` holding the exported model."""
+    config.validate()
+    log = log or (lambda _msg: None)
+    outdir = Path(config.outdir)
+    device = resolve_device(config.device)
+    config, ds, net, scheduler, ema, opt, snap = _build_or_resume(config, outdir, device, log)
+    start = int(snap.extra_state["step"]) if snap is not None else 0
     loss_fn = FinetuneLoss(alphas_cumprod(scheduler), str(scheduler.config.prediction_type), config.hidden_x0,
                            config.loss_weight, config.snr_gamma, further=config.corruption())
     order = EpochOrder(len(ds), config.seed)
