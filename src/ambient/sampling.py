@@ -166,6 +166,26 @@ def _fixed_masks(shape, seeds, corruption, data_survival, masks, num_masks) -> t
         for k in range(num_masks)])
 
 
+def _check_sample_args(denoiser, shape, seeds, solver, clip, num_masks, guidance_scale) -> tuple[int, ...]:
+    """The boundary check of :func:`ambient_sample` (nothing inside the solver loop checks again)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
+    if len(seeds) != shape[0]:
+        raise ValueError(f"seeds: need one seed per sample, got {len(seeds)} seeds for N={shape[0]}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    if int(num_masks) != num_masks or num_masks < 1:
+        raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")
+    if not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    if isinstance(denoiser, MaskDenoiser) and shape[1] != denoiser.img_channels:
+        raise ValueError(f"shape has {shape[1]} channels but the denoiser takes {denoiser.img_channels}")
+    return shape
+
+
 def ambient_sample(
     denoiser, shape: Sequence[int], seeds: Sequence[int], *, corruption: Corruption | None = None,
     data_survival: float | None = None, masks: torch.Tensor | None = None, num_steps: int = 18,
@@ -204,21 +224,7 @@ def ambient_sample(
     denoiser's). ``clip``: "static" clamps each prediction to [−1, 1]; "dynamic" applies
     :func:`dynamic_threshold` (per-sample 0.99 quantile of |x0|).
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"shape must be (N, C, H, W) with positive sizes, got {shape}")
-    if len(seeds) != shape[0]:
-        raise ValueError(f"seeds: need one seed per sample, got {len(seeds)} seeds for N={shape[0]}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if clip not in CLIPS:
-        raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
-    if int(num_masks) != num_masks or num_masks < 1:
-        raise ValueError(f"num_masks must be an integer >= 1, got {num_masks!r}")
-    if not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-    if isinstance(denoiser, MaskDenoiser) and shape[1] != denoiser.img_channels:
-        raise ValueError(f"shape has {shape[1]} channels but the denoiser takes {denoiser.img_channels}")
+    shape = _check_sample_args(denoiser, shape, seeds, solver, clip, num_masks, guidance_scale)
     if sigmas is None:
         sigma_min = _attr(denoiser, "sigma_min") if sigma_min is None else sigma_min
         sigma_max = _attr(denoiser, "sigma_max") if sigma_max is None else sigma_max
