@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,25 +91,8 @@ def _remove_leftovers(parent: Path, name: str) -> None:
                 _remove_tree(entry)
 
 
-def save_snapshot(
-    directory: str | os.PathLike,
-    *,
-    config: dict[str, Any],
-    model: dict[str, torch.Tensor],
-    ema: dict[str, torch.Tensor] | None = None,
-    optimizer: dict[str, Any] | None = None,
-    extra_state: dict[str, Any] | None = None,
-) -> Path:
-    """Write a snapshot folder atomically (see the module docstring) and return its path.
-
-    ``config`` must be JSON-serialisable; its keys ``format_version`` and ``ambient_version``
-    are set by this function. ``optimizer`` is an ``optimizer.state_dict()``; ``extra_state``
-    maps names to tensors (e.g. ``generator.get_state()``), numbers, strings, lists or dicts.
-    A failed write raises AmbientInputError and leaves any previous snapshot under the name intact.
-    """
-    target = Path(directory)
-    if target.name in ("", ".", ".."):
-        raise ValueError(f"directory must name a snapshot folder, got {str(directory)!r}")
+def _snapshot_files(config, model, ema, optimizer, extra_state) -> list[tuple[str, Callable[[], bytes]]]:
+    """(file name, bytes maker) of each file of a snapshot, config first; checks the config."""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     try:
@@ -129,6 +113,29 @@ def save_snapshot(
                 "extra_state": encode_state(dict(extra_state or {}), state_tensors, "extra_state")}
         meta = {_STATE_KEY: json.dumps(tree)}
         files.append((STATE_FILE, lambda: tensor_bytes(state_tensors, "training state", meta)))
+    return files
+
+
+def save_snapshot(
+    directory: str | os.PathLike,
+    *,
+    config: dict[str, Any],
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None = None,
+    optimizer: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a snapshot folder atomically (see the module docstring) and return its path.
+
+    ``config`` must be JSON-serialisable; its keys ``format_version`` and ``ambient_version``
+    are set by this function. ``optimizer`` is an ``optimizer.state_dict()``; ``extra_state``
+    maps names to tensors (e.g. ``generator.get_state()``), numbers, strings, lists or dicts.
+    A failed write raises AmbientInputError and leaves any previous snapshot under the name intact.
+    """
+    target = Path(directory)
+    if target.name in ("", ".", ".."):
+        raise ValueError(f"directory must name a snapshot folder, got {str(directory)!r}")
+    files = _snapshot_files(config, model, ema, optimizer, extra_state)
     if target.exists() and not (target.is_dir() and ((target / MARKER_FILE).is_file()
                                                      or (target / CONFIG_FILE).is_file())):
         raise AmbientInputError(f"refusing to replace {target}: it exists and is not an ambient snapshot")
