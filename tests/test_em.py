@@ -71,15 +71,24 @@ def test_layout_stats_and_completions(em_run):
     # completions are full images whose observed pixels are the observations, bit for bit
     with np.load(obs) as z:
         images, masks = z["images"], z["masks"].astype(bool)
-    for lap in (0, 1):
+    laps = []
+    for lap, count in ((0, 24), (1, 12)):  # lap 0 (Gaussian) completes every observation, lap 1 --estep-size
         with np.load(run_dir / "completions" / f"lap-{lap:02d}.npz") as z:
             done, index = z["images"][..., 0], z["index"]
-        assert done.shape == (12, 8, 8) and len(set(index.tolist())) == 12
+        assert done.shape == (count, 8, 8) and len(set(index.tolist())) == count
         assert np.array_equal(done[masks[index]], images[index][masks[index]])
         assert done[~masks[index]].std() > 0  # hidden pixels are filled, not constant
+        laps.append((done, index))
+    # lap 1's M-step trained on the pool: lap 1's fresh completions, lap 0's for the other observations
+    with np.load(run_dir / "completions" / "pool-01.npz") as z:
+        pool = z["images"][..., 0]
+    fresh = np.zeros(24, bool)
+    fresh[laps[1][1]] = True
+    assert np.array_equal(pool[laps[1][1]], laps[1][0]) and np.array_equal(pool[~fresh], laps[0][0][~fresh])
     # the M-step trains a plain full-image model on the completions, warm-started from the previous lap
     cfg = json.loads((run_dir / "lap-01" / "config.json").read_text())
     assert cfg["train"]["objective"] == "naive" and cfg["train"]["init"].endswith("lap-00")
+    assert cfg["train"]["data"].endswith("pool-01.npz") and cfg["data"]["num_images"] == 24
     assert cfg["model"]["mask_channels"] is False and cfg["data"]["has_data_masks"] is False
 
 
@@ -191,3 +200,15 @@ def test_init_from_an_ambient_model_changes_only_the_hidden_pixels_of_lap_0(em_r
     code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "bad"), *args,
                         "--init", str(root / "run" / "lap-00")], capsys)
     assert code == 2 and "--init" in err and not (tmp_path / "bad").exists()
+
+
+def test_without_the_pool_each_m_step_trains_on_its_own_completions(em_run, tmp_path, capsys):
+    _, obs = em_run
+    args = list(TINY)
+    args[args.index("--laps") + 1] = "1"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "run"), *args, "--no-pool"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "run" / "completions" / "lap-00.npz") as z:
+        assert z["images"].shape[0] == 12
+    cfg = json.loads((tmp_path / "run" / "lap-00" / "config.json").read_text())
+    assert cfg["train"]["data"].endswith("lap-00.npz") and cfg["data"]["num_images"] == 12

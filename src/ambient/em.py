@@ -58,6 +58,7 @@ class EMConfig:
     laps: int = 4
     lap_kimg: float = 10.0
     estep_size: int | None = None  # observations completed per lap (None: all)
+    pool: bool = True  # M-steps train on completions of every observation, estep_size of them redrawn per lap
     rank: int = 64
     gaussian_noise: str = "diagonal"
     gaussian_iters: int = 16
@@ -168,6 +169,19 @@ class EMRun:
     def completions_path(self, lap: int) -> Path:
         return self.root / "completions" / f"lap-{lap:02d}.npz"
 
+    def training_data(self, lap: int) -> Path:
+        """What lap ``lap``'s M-step trains on: its own completions, or (pool) every observation's latest."""
+        if not self.cfg.pool or lap == 0 or self.cfg.estep_size is None:
+            return self.completions_path(lap)
+        path = self.root / "completions" / f"pool-{lap:02d}.npz"
+        if not path.is_file():
+            pool = read_npz(self.training_data(lap - 1))
+            fresh = read_npz(self.completions_path(lap))
+            images = pool["images"].copy()
+            images[fresh["index"]] = fresh["images"]
+            atomic_save_npz(path, images=images, index=pool["index"])
+        return path
+
     def finished_laps(self) -> list[dict]:
         path = self.root / "stats.jsonl"
         return read_jsonl(path) if path.is_file() else []
@@ -207,6 +221,7 @@ class EMRun:
                    "mstep_kimg": self.cfg.lap_kimg, "lap_seconds": time.perf_counter() - started,
                    "time": time.time()}
             append_jsonl(self.root / "stats.jsonl", row)
+            (self.root / "completions" / f"pool-{lap - 1:02d}.npz").unlink(missing_ok=True)  # lap's pool supersedes it
             atomic_write_json(self.root / MODEL_POINTER, {"model": self.lap_dir(lap).name})
             self.log(f"lap {lap}: E-step {extra['estep_seconds']:.1f} s, M-step loss {loss}")
         return self.root
@@ -225,7 +240,7 @@ class EMRun:
                                           callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
             atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
         out = self.completions_path(0)
-        idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, 0)
+        idx = subset(len(self.data), None if cfg.pool else cfg.estep_size, _SUBSET, cfg.seed, 0)  # Gaussian: cheap
         if not out.is_file():
             seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
             y, mask = self.y[idx], self.mask[idx]
@@ -277,7 +292,7 @@ class EMRun:
 
     def train_config(self, lap: int) -> TrainConfig:
         cfg = self.cfg
-        return TrainConfig(data=str(self.completions_path(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
+        return TrainConfig(data=str(self.training_data(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
                            corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
                            lr_warmup_kimg=cfg.lr_warmup_kimg, kimg=cfg.lap_kimg, ema=cfg.ema,
                            snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),

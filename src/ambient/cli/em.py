@@ -23,6 +23,9 @@ EM_OPTIONS = [
     ("lap_kimg", float, "M-step training per lap, in thousands of images."),
     ("estep_size", int, "Observations completed per lap (a seeded subset; default all). Larger than the data: "
                         "refused."),
+    ("pool", bool, "M-steps train on completions of every observation: lap 0 completes all of them (Gaussian "
+                   "draws are cheap), each later lap redraws --estep-size of them and keeps the others; "
+                   "--no-pool: each M-step trains on its lap's --estep-size completions only."),
     ("rank", int, "Rank r of the lap-0 Gaussian's covariance (diagonal or isotropic + rank r)."),
     ("gaussian_noise", str, "The Gaussian's noise: diagonal (one ψ per pixel) or isotropic (probabilistic PCA)."),
     ("gaussian_iters", int, "Closed-form EM iterations of the Gaussian fit."),
