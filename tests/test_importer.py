@@ -95,6 +95,22 @@ def test_options_that_contradict_the_weights_are_refused(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_weights_that_do_not_fit_the_inferred_network_give_one_line():
+    from ambient.importer import _load_exact
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    sd = {"0.weight": torch.zeros(3, 2, dtype=torch.float16), "0.bias": torch.ones(3, dtype=torch.float16)}
+    _load_exact(net, sd, "x.pkl")  # half-precision weights load into the float32 network
+    assert net[0].bias.dtype == torch.float32 and net[0].bias.sum() == 3
+    for bad, what in (({"0.weight": sd["0.weight"]}, "missing keys 0.bias"),
+                      ({**sd, "0.extra": sd["0.bias"]}, "unexpected keys 0.extra"),
+                      ({**sd, "0.bias": torch.ones(4)}, r"shape mismatch for 0.bias \(checkpoint \(4,\)")):
+        with pytest.raises(AmbientInputError, match=what) as err:
+            _load_exact(net, bad, "x.pkl")
+        assert "\n" not in str(err.value) and "--pkl x.pkl" in str(err.value)
+        assert str(err.value).endswith("give its --training-options)")
+
+
 class _Reduce:
     def __init__(self, fn, args):
         self.fn, self.args = fn, args

@@ -29,6 +29,7 @@ from ambient import safe_pickle
 from ambient.corruption import PATTERNS, Corruption
 from ambient.errors import AmbientInputError
 from ambient.songunet import SongUNetConfig
+from ambient.statedict import load_state_dict_strict
 
 _SONG_KEYS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions",
               "dropout", "label_dropout", "channel_mult_noise", "resample_filter", "augment_dim", "gated",
@@ -154,14 +155,12 @@ def _jsonable(d: dict) -> dict:
 
 
 def _load_exact(module: torch.nn.Module, sd: dict[str, torch.Tensor], source) -> None:
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    for what, names in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", shapes)):
-        if names:
-            raise AmbientInputError(f"--pkl {source}: {len(names)} {what} weights for the inferred network "
-                                    f"(e.g. {names[0]}); give its --training-options")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+    """:func:`ambient.statedict.load_state_dict_strict`, its one-line error with a hint for imports."""
+    try:
+        load_state_dict_strict(module, sd, f"--pkl {source}")
+    except AmbientInputError as exc:
+        raise AmbientInputError(f"{exc} (the network was inferred from the weights; give its --training-options)"
+                                ) from None
 
 
 def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
