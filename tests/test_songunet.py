@@ -59,16 +59,16 @@ def test_gated_convolution_formula():
 
 
 @pytest.mark.parametrize("up", [False, True])
-def test_box_resampling_fast_path_equals_the_filter(up):
+def test_box_resampling_is_average_pool_and_nearest_upsampling(up):
     torch.manual_seed(1)
-    conv = Conv2d(4, 4, 0, up=up, down=not up)
+    conv = Conv2d(4, 4, 0, up=up, down=not up)  # depthwise (transposed) convolution with the [1,1] filter
     x = torch.randn(2, 4, 8, 8)
-    fast = conv(x)
-    conv.box = False  # the general depthwise (transposed) convolution with the [1,1] filter
-    torch.testing.assert_close(fast, conv(x))
-    assert fast.shape[-1] == (16 if up else 4)
+    out = conv(x)
+    box = F.interpolate(x, scale_factor=2.0, mode="nearest") if up else F.avg_pool2d(x, 2)
+    torch.testing.assert_close(out, box)
+    assert out.shape[-1] == (16 if up else 4)
     if not up:
-        torch.testing.assert_close(fast[0, 0, 0, 0], x[0, 0, :2, :2].mean())
+        torch.testing.assert_close(out[0, 0, 0, 0], x[0, 0, :2, :2].mean())
 
 
 def test_attention_matches_the_written_out_softmax():
@@ -85,6 +85,67 @@ def test_attention_matches_the_written_out_softmax():
     a = torch.einsum("nqk,nck->ncq", w, v).reshape(2, 8, 4, 4)
     expected = (block.proj(a) + h) * math.sqrt(0.5)
     torch.testing.assert_close(block(x, emb), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_memory_format_is_kept_through_attention(channels_last):
+    # A channels_last tensor leaking out of the attention (a reshape of the transposed output) used to
+    # turn every later convolution into a weight copy per call.
+    torch.manual_seed(4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = SongUNet(SongUNetConfig(img_resolution=16, in_channels=2, out_channels=2, **TINY)).to(memory_format=fmt)
+    outputs = []
+    for m in net.modules():
+        if isinstance(m, Conv2d) and m.weight is not None and m.weight.shape[-1] > 1:
+            m.register_forward_hook(lambda mod, inp, out: outputs.append(out))
+    net(torch.randn(2, 2, 16, 16).to(memory_format=fmt), torch.randn(2))
+    assert len(outputs) > 4 and all(o.is_contiguous(memory_format=fmt) for o in outputs)
+
+
+def _conv_written_out(conv, x):
+    if conv.resample_filter is not None:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if conv.up else F.avg_pool2d(x, 2)
+    if conv.weight is None:
+        return x
+    pad = conv.weight.shape[-1] // 2
+    y = F.conv2d(x, conv.weight, padding=pad)
+    if conv.gate_weight is not None:
+        y = y * torch.sigmoid(torch.sigmoid(F.conv2d(x, conv.gate_weight, padding=pad)))
+    return y + conv.bias.reshape(1, -1, 1, 1)
+
+
+def _block_written_out(block, x, emb):
+    h = _conv_written_out(block.conv0, F.silu(block.norm0(x)))
+    h = F.silu(block.norm1(h + block.affine(emb)[:, :, None, None]))
+    h = _conv_written_out(block.conv1, h)
+    h = (h + (_conv_written_out(block.skip, x) if block.skip is not None else x)) * math.sqrt(0.5)
+    if block.attention:
+        n, c, hh, ww = h.shape
+        q, k, v = _conv_written_out(block.qkv, block.norm2(h)).reshape(n, c, 3, hh * ww).unbind(2)
+        w = torch.einsum("ncq,nck->nqk", q, k / math.sqrt(c)).softmax(dim=2)
+        a = torch.einsum("nqk,nck->ncq", w, v).reshape(n, c, hh, ww)
+        h = (_conv_written_out(block.proj, a) + h) * math.sqrt(0.5)
+    return h
+
+
+@pytest.mark.parametrize("kind", ["attention", "down", "up", "same"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_block_gradients_equal_the_written_out_out_of_place_block(kind, gated):
+    # the block adds and scales in place; autograd must give the out-of-place arithmetic's gradients
+    torch.manual_seed(5)
+    cin = 8 if kind == "same" else 12
+    block = UNetBlock(cin, 8, 16, attention=kind == "attention", down=kind == "down", up=kind == "up",
+                      gated=gated)
+    for p in block.parameters():  # make every layer matter (conv1 and proj start near zero)
+        torch.nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, cin, 8, 8, requires_grad=True), torch.randn(2, 16, requires_grad=True)
+    grads = []
+    for fn in (block, lambda x, emb: _block_written_out(block, x, emb)):
+        out = fn(x, emb)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+        grads.append([out.detach(), *torch.autograd.grad((out * weights).sum(), [x, emb, *block.parameters()])])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_positional_embedding():

@@ -10,7 +10,7 @@ parameter names, so that the reference checkpoints load by name:
 * encoder ``enc.{R}x{R}_conv`` / ``_down`` / ``_block{i}``, decoder ``dec.{R}x{R}_in0`` / ``_in1`` /
   ``_up`` / ``_block{i}`` / ``_aux_norm`` / ``_aux_conv``; residual blocks with GroupNorm, an
   additive embedding, skip scale √½, one-head self-attention at ``attn_resolutions``;
-* resampling with the [1, 1] filter (2×2 box down, nearest up);
+* resampling with the [1, 1] filter (2×2 box down, nearest up) as depthwise (transposed) convolutions;
 * gated convolutions (``gated=True``): every convolution with a kernel also has ``gate_weight`` G
   and computes conv(x, W) · sigmoid(sigmoid(conv(x, G))) + b (the reference applies the sigmoid twice).
 
@@ -96,15 +96,14 @@ class Conv2d(nn.Module):
         self.gate_weight = (nn.Parameter(_init_(torch.empty(shape), fan_in, fan_out, init_scale))
                             if kernel and gated else None)
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        self.box = tuple(resample_filter) == (1, 1)  # fast paths: 2×2 average pool / nearest upsampling
         self.register_buffer("resample_filter", torch.outer(f, f)[None, None] / f.sum() ** 2 if up or down else None)
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         f = self.resample_filter
         if f is None:
             return x
-        if self.box:
-            return F.interpolate(x, scale_factor=2.0, mode="nearest") if self.up else F.avg_pool2d(x, 2)
+        # depthwise (transposed) convolution, as the reference: on CPU faster than avg_pool2d / nearest
+        # interpolation for the [1, 1] filter (2.2 vs 4.6 and 2.1 vs 5.9 ms forward + backward at 4×256×32², 1 thread)
         c, pad = x.shape[1], (f.shape[-1] - 1) // 2
         f = f.to(x.dtype)
         if self.up:
@@ -119,9 +118,14 @@ class Conv2d(nn.Module):
         y = F.conv2d(x, self.weight.to(x.dtype), padding=pad)
         if self.gate_weight is not None:
             y = y * torch.sigmoid(torch.sigmoid(F.conv2d(x, self.gate_weight.to(x.dtype), padding=pad)))
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        if self.bias is not None:  # in place (as the reference): y is a fresh tensor that no backward needs
+            y = y.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
         return y
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
 
 
 def _linear(cin: int, cout: int, bias: bool = True) -> nn.Linear:
@@ -158,16 +162,20 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.silu(self.norm0(x)))
-        h = F.silu(self.norm1(h + self.affine(emb).to(h.dtype)[:, :, None, None]))
+        # in-place adds and scales on fresh conv outputs: fewer large allocations, the reference's arithmetic
+        h = F.silu(self.norm1(h.add_(self.affine(emb).to(h.dtype)[:, :, None, None])))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + (self.skip(x) if self.skip is not None else x)) * math.sqrt(0.5)
+        x = h.add_(self.skip(x) if self.skip is not None else x).mul_(math.sqrt(0.5))
         if self.attention:
             n, c, hh, ww = x.shape
             # channel layout of qkv: (c, 3) interleaved, as in the reference
             q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
             a = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
                                                v.transpose(1, 2).float())
-            x = (self.proj(a.transpose(1, 2).to(x.dtype).reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+            # back to (n, c, h, w) in x's memory format: a plain reshape of the transposed output would be
+            # channels_last, which then spreads through the rest of the network (weights copied at every conv)
+            a = a.transpose(1, 2).reshape(n, c, hh, ww).to(x.dtype, memory_format=_memory_format(x))
+            x = self.proj(a).add_(x).mul_(math.sqrt(0.5))
         return x
 
 
