@@ -134,7 +134,7 @@ def test_resume_after_a_crash_ends_as_an_uninterrupted_run(em_run, tmp_path, mon
     assert (out / "stats.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("case", ["laps0", "estep_size", "other_data", "other_rank", "not_em_folder"])
+@pytest.mark.parametrize("case", ["laps0", "estep_size", "other_data", "other_rank", "not_em_folder", "no_masks"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(em_run, tmp_path, case, capsys):
     root, obs = em_run
     out, args = tmp_path / "new", list(TINY)
@@ -148,6 +148,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(em_run, tmp_path, case,
             obs = observations(tmp_path / "other.npz", seed=4)
         else:
             args[args.index("--rank") + 1] = "2"
+    elif case == "no_masks":
+        np.savez(tmp_path / "clean.npz", images=blobs(24, 8, 1, seed=5))
+        obs = tmp_path / "clean.npz"
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")
@@ -155,7 +158,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(em_run, tmp_path, case,
     code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *args], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     flag = {"laps0": "--laps", "estep_size": "--estep-size", "other_data": "--data", "other_rank": "--rank",
-            "not_em_folder": "--outdir"}[case]
+            "not_em_folder": "--outdir", "no_masks": "--data"}[case]
     assert flag in err
     assert (files(out) if out.exists() else None) == before
 

@@ -139,6 +139,10 @@ class EMRun:
         self.log = log
         self.progress = progress
         data = load_observations(cfg)
+        if not data.has_data_masks and cfg.corruption_probability == 0:
+            raise AmbientInputError(f"--data {cfg.data}: no masks and --corruption-probability 0, so nothing is "
+                                    "hidden (give observations with masks, or a probability to draw them)")
+        _ = data.resolution  # non-square images: a one-line error now, not after lap 0
         if cfg.estep_size is not None and cfg.estep_size > len(data):
             raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(data)} observations "
                                     f"in --data {cfg.data}")
