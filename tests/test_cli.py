@@ -214,3 +214,15 @@ def test_demo_falls_back_to_digits_with_a_one_line_notice(tmp_path, capsys, monk
     assert [line for line in err.splitlines() if line.startswith("notice:")] == [notice]
     assert (out / "demo.png").is_file() and "wrote" in stdout
     assert __import__("json").loads((out / "config.json").read_text())["data"]["shape"] == [1, 28, 28]
+
+
+def test_readme_commands_are_what_ci_runs():
+    """README's two commands are ./dev.sh demo and ./dev.sh test, and .ci/run calls the same test command."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    assert "```bash\n./dev.sh demo\n```" in readme and "```bash\n./dev.sh test\n```" in readme
+    assert "bash ./dev.sh test" in ci.splitlines()[-1]
+    bad = subprocess.run(["bash", str(root / "dev.sh"), "bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: ./dev.sh demo|test|setup" in bad.stderr
