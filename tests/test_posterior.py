@@ -206,6 +206,10 @@ def test_conjugate_gradient_solves_each_sample_and_survives_zero_systems():
     v = conjugate_gradient(lambda u: u @ spd, b, 6)
     torch.testing.assert_close(v @ spd, b, rtol=0, atol=1e-8)
     assert torch.isfinite(conjugate_gradient(lambda u: 0 * u, b, 3)).all()
+    # truncated: a direction of curvature <= floor stops a sample where it stands (here: at v = 0)
+    assert not conjugate_gradient(lambda u: -u, b, 3).any()
+    assert not conjugate_gradient(lambda u: 0.5 * u, b, 3, floor=0.5).any()
+    torch.testing.assert_close(conjugate_gradient(lambda u: 0.5 * u, b, 1, floor=0.4), 2 * b)
 
 
 def test_bad_arguments():

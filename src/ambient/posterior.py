@@ -45,25 +45,32 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
 
 
-def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
+def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
+                       floor: float = 0.0) -> torch.Tensor:
     """``iters`` conjugate-gradient iterations for ``apply(v) = b``, from v = 0, one system per sample.
 
-    ``apply`` must be symmetric positive semi-definite on each sample. A sample whose residual or
-    search direction vanishes (e.g. nothing observed, or σ_y = 0 on an empty block) stops there:
-    the 0/0 step sizes are taken as 0.
+    Truncated CG: a sample stops, keeping its current iterate, at the first search direction p with
+    pᵀ apply(p) <= ``floor`` · pᵀp. For a symmetric operator >= floor · I that never happens (plain
+    CG); MMPS passes floor = σ_y², the least curvature of σ_y² I + σ² A J Aᵀ when the model's
+    covariance σ² J is positive semi-definite. A learned network's J need not be (measured on the
+    1.5-kimg Fashion-MNIST model: indefinite along observed directions at σ >= 5), and CG on an
+    indefinite system can blow up (there, 5 iterations at σ_y = 0.1 gave pixel values of 380).
+    A vanishing residual (e.g. nothing observed, σ_y = 0) also stops it: 0/0 steps are taken as 0.
     """
     v = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rr = _dot(r, r)
+    active = torch.ones_like(rr, dtype=torch.bool)
     for _ in range(int(iters)):
         ap = apply(p)
         pap = _dot(p, ap)
-        alpha = torch.where(pap > 0, rr / torch.where(pap > 0, pap, 1.0), 0.0)
+        active = active & (pap > floor * _dot(p, p))
+        alpha = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
         v = v + alpha * p
         r = r - alpha * ap
         rr_new = _dot(r, r)
-        beta = torch.where(rr > 0, rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
+        beta = torch.where(active & (rr > 0), rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
         p = r + beta * p
         rr = rr_new
     return v
@@ -154,7 +161,7 @@ class MMPS(PosteriorDenoiser):
         with torch.no_grad():
             x0d = x0.detach().to(x.dtype)
             v = conjugate_gradient(lambda w: sy2 * w + a(s2 * self._vjp(x0, xg, a.adjoint(w))),
-                                   self.residual(x0d), self.cg_iters)
+                                   self.residual(x0d), self.cg_iters, floor=sy2)
             return x0d + s2 * self._vjp(x0, xg, a.adjoint(v), retain=False)
 
 
