@@ -10,8 +10,8 @@ validate's (FID, KID, SWD against the first --num-ref clean test images); the KI
 (the images its M-step trained on; lap 0: exact posterior draws of the Gaussian prior) and their PSNR on the
 hidden pixels against the clean training images; E-step and M-step wall times.
 
-    python benchmarks/em.py --quick --threads 1   # pipeline check: 1.5 kimg per model, 2 laps, N = 64
-    python benchmarks/em.py --threads 2           # full: 60 kimg, 6 laps × 10 kimg, 2000 completions per lap
+    python benchmarks/em.py --quick --threads 1   # pipeline check, 1.5 kimg, 2 laps, N = 64: 6.5 min
+    python benchmarks/em.py --threads 2           # full: 60 kimg, 5 laps × 12 kimg, 1000 fresh completions per lap
 
 Writes docs/em.md (full mode) or docs/em_<mode>.md (labelled as such), the per-lap curve and the sample
 grid beside it, and rows ``"method": "em"`` with ``"lap"`` in docs/results.json (table "em", this mode's
@@ -43,9 +43,14 @@ from validate_report import read_rows, write_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 0.8
+# Full mode, sized from the quick run's timings on one busy core (an estimate, not measured): MMPS with 1 CG
+# iteration costs ~29 ms per image per network call (3 passes), so 4 E-steps × 1000 images × 27 calls ≈ 52 min;
+# the Gaussian (rank 64, 5000 observations) ~2 s per 1000 observations per iteration ≈ 8 min; M-steps 60 kimg
+# ≈ 30 min; samples and scores of 5 laps ≈ 20 min. Missing-data EM converges slowly at 80 % missing (the
+# log-likelihood still rose after 40 iterations on 2000 images), hence 50 iterations.
 MODES = {
-    "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=8, gaussian_size=2000),
-    "full": dict(laps=6, estep_size=2000, steps=18, rank=64, gaussian_iters=16, gaussian_size=10000),
+    "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=20, gaussian_size=2000),
+    "full": dict(laps=5, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
 }
 log = validate.log
 
