@@ -51,9 +51,11 @@ def test_fit_recovers_mean_and_covariance(noise):
         assert abs(float(prior.noise[0]) - 0.05) < 0.01
 
 
-def test_log_likelihood_never_decreases_and_matches_dense_formula():
+@pytest.mark.parametrize("expand", [True, False])
+def test_log_likelihood_never_decreases_and_matches_dense_formula(expand):
     _, y, mask = _low_rank_data(n=600, shape=(1, 4, 4), rank=3, keep=0.4, seed=1)
-    prior, history = fit_gaussian(y, mask, rank=3, iters=25, noise="diagonal", memory_mb=0.05)  # many batches
+    prior, history = fit_gaussian(y, mask, rank=3, iters=25, noise="diagonal", memory_mb=0.05,  # many batches
+                                  expand=expand)
     steps = np.diff(history)
     assert (steps > -1e-9).all(), steps.min()
     assert history[-1] > history[0] + 0.1
@@ -113,3 +115,11 @@ def test_arrays_round_trip_and_bad_arguments():
         fit_gaussian(y, mask, rank=0, iters=1)
     with pytest.raises(ValueError, match="noise"):
         fit_gaussian(y, mask, rank=1, iters=1, noise="full")
+
+
+def test_parameter_expansion_converges_faster_when_most_pixels_are_missing():
+    _, y, mask = _low_rank_data(n=2000, shape=(1, 4, 4), rank=3, keep=0.2, seed=6)
+    start = initial_prior(y, mask, 3)
+    _, px = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=True)
+    _, plain = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=False)
+    assert px[0] == plain[0] and px[-1] > plain[-1]

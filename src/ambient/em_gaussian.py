@@ -174,8 +174,12 @@ def initial_prior(y: torch.Tensor, mask: torch.Tensor, rank: int, memory_mb: flo
 
 
 def em_step(prior: GaussianPrior, y: torch.Tensor, mask: torch.Tensor, noise: str = "diagonal",
-            memory_mb: float = 256) -> tuple[GaussianPrior, float]:
-    """One exact EM iteration; returns (new prior, mean observed-data log-likelihood under ``prior``)."""
+            memory_mb: float = 256, expand: bool = True) -> tuple[GaussianPrior, float]:
+    """One exact EM iteration; returns (new prior, mean observed-data log-likelihood under ``prior``).
+
+    ``expand``: parameter-expanded EM (Liu, Rubin & Wu 1998): the M-step also fits the latent's mean
+    and covariance and folds them back into μ and W. Still monotone; much faster when most pixels are
+    missing (plain EM moves slowly along the directions the latent's fixed N(0, I) law pins)."""
     d, r = prior.dim, prior.rank
     w_old = torch.cat([prior.loading, prior.mean[:, None]], dim=1)  # (d, r+1): x_d ≈ w̃_dᵀ z̃
     s = torch.zeros(r + 1, r + 1, dtype=torch.float64)  # Σ_n E[z̃ z̃ᵀ]
@@ -206,12 +210,17 @@ def em_step(prior: GaussianPrior, y: torch.Tensor, mask: torch.Tensor, noise: st
     psi = ((ex2 - (rhs * w_new).sum(1)) / n).clamp_min(_PSI_FLOOR)
     if noise == "isotropic":
         psi = psi.mean().expand(d).clone()
-    new = GaussianPrior(w_new[:, -1].contiguous(), w_new[:, :r].contiguous(), psi, prior.shape)
+    loading, mean = w_new[:, :r], w_new[:, -1]
+    if expand:  # PX-EM: the fitted law of z, N(α, Σ_α), folded back into μ and W so that z ~ N(0, I) again
+        alpha = s[:r, r] / n
+        chol = torch.linalg.cholesky(s[:r, :r] / n - torch.outer(alpha, alpha))
+        mean, loading = mean + loading @ alpha, loading @ chol
+    new = GaussianPrior(mean.contiguous(), loading.contiguous(), psi, prior.shape)
     return new, loglik / n
 
 
 def fit_gaussian(y: torch.Tensor, mask: torch.Tensor, rank: int, iters: int, *, noise: str = "diagonal",
-                 init: GaussianPrior | None = None, memory_mb: float = 256,
+                 init: GaussianPrior | None = None, memory_mb: float = 256, expand: bool = True,
                  callback: Callable[[int, float], None] | None = None) -> tuple[GaussianPrior, list[float]]:
     """Fit N(μ, W Wᵀ + diag(ψ)) of rank ``rank`` to masked images by ``iters`` EM iterations.
 
@@ -229,7 +238,7 @@ def fit_gaussian(y: torch.Tensor, mask: torch.Tensor, rank: int, iters: int, *, 
     prior = init if init is not None else initial_prior(y, mask, int(rank), memory_mb)
     history = []
     for it in range(int(iters)):
-        prior, ll = em_step(prior, y, mask, noise, memory_mb)
+        prior, ll = em_step(prior, y, mask, noise, memory_mb, expand)
         history.append(ll)
         if callback is not None:
             callback(it, ll)
