@@ -133,6 +133,19 @@ def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict,
     return net, ema, opt, state
 
 
+def _backward(den, loss_fn, inputs, opt, autocast, per_rank: int, device, dropout_seed: int) -> torch.Tensor:
+    """This process's share of the step's loss (summed, over the per-process batch), backpropagated.
+    Dropout, if any, draws from the global RNG seeded by ``dropout_seed`` (restored afterwards)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(dropout_seed)
+        with autocast:
+            per_image = loss_fn.per_image(den, inputs)
+        loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    return loss
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this."""
     cfg.validate()
@@ -202,14 +215,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         g = torch.Generator(device).manual_seed(mix_seed(_STEP, cfg.seed, state.step))
         y, mask = y.to(device), mask.to(device)
         inputs = loss_fn.draw(y, mask, idx, g, cfg.augment)  # flips, Ã, σ, noise of the global batch
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(mix_seed(_STEP, cfg.seed, state.step, env.rank))  # dropout, if any
-            with autocast:
-                den = model if labels is None else functools.partial(model, class_labels=labels[mine])
-                per_image = loss_fn.per_image(den, inputs[mine])
-            loss = per_image.sum() / per_rank  # DDP averages the ranks' gradients: the global-batch mean
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        den = model if labels is None else functools.partial(model, class_labels=labels[mine])
+        loss = _backward(den, loss_fn, inputs[mine], opt, autocast, per_rank, device,
+                         mix_seed(_STEP, cfg.seed, state.step, env.rank))
         global_loss = float(dist_utils.mean_across(loss.detach(), env))  # ranks must agree on skipping
         lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
         guard = NonFiniteGuard(cfg.max_nonfinite, state.skipped, state.consecutive_skipped)
