@@ -9,6 +9,11 @@ configuration of the reference code's anchor (REFERENCE_IMG_S):
 
     python benchmarks/bench_speed.py --archs ddpmpp32,ddpmpp-cifar,ddpmpp-cifar-ungated --threads 2
 
+and timed step by step against the reference code's own network (needs a checkout of
+giannisdaras/ambient-diffusion, which is not in this repository; see docs/speed.md):
+
+    python benchmarks/bench_ddpmpp_vs_seed.py --seed /tmp/seed --threads 1
+
 For each backbone (tiny, small at 1×28×28; ddpmpp32, ddpmpp-cifar[-ungated] at 3×32×32) it times one training step
 (loss, backward, gradient clipping, Adam) in fp32, bf16 autocast and channels_last; counts the
 FLOPs of a forward+backward with ``FlopCounterMode`` and divides by the fp32 step time
