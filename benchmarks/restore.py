@@ -5,9 +5,10 @@ first ``--num-ref`` test images) under dust masks at p = 0.8 (a pure function of
 Models: the clean-trained and the ambient p = 0.8 (δ = 0.1) models of benchmarks/validate.py, reused from
 its run folder (runs/validate/<mode>) when trained there with the same budget, else trained the same way.
 
-Methods: MMPS with 1 and 3 CG iterations, DPS, projection (clean model), ambient-mean (ambient model; the
-posterior mean, one call). Scores: PSNR on the hidden pixels (uint8, peak 255, mean over images), KID
-(×10³) of the restorations against the reference; cost: wall time per image, counted forwards and VJPs
+Methods: MMPS with 1 and 3 CG iterations (and 1 with σ_y = 0.1, to show that observed pixels then follow y
+to about σ_y), DPS, projection (clean model), ambient-mean (ambient model; the posterior mean, one call).
+Scores: PSNR on the hidden pixels (uint8, peak 255, mean over images), KID (×10³) of the restorations
+against the reference, RMS distance to y on the observed pixels; cost: wall time per image, counted forwards and VJPs
 per image, and the wall time of each method relative to plain Heun sampling of the same model on the
 same batch, timed side by side (alternating, median of ``--repeats``); network-call equivalents =
 that ratio × (2·steps − 1), the forwards of one plain Heun trajectory.
@@ -103,11 +104,18 @@ def hidden_psnr(u8: torch.Tensor, truth: torch.Tensor, masks: torch.Tensor) -> f
     return float((10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).mean())
 
 
+def observed_rms(images: torch.Tensor, data: ImageDataset) -> float:
+    """RMS distance (images in [−1, 1]) between restorations and y on the observed pixels."""
+    y, masks = data.batch(range(len(data)))
+    return float(((images - y) * masks).pow(2).sum().div(masks.sum()).sqrt())
+
+
 def methods(args) -> list[tuple[str, Method, RestoreConfig]]:
     clean, amb = Method("clean", 0.0, 0.0), Method("ambient", P, 0.1)
     base = dict(steps=args.steps, batch=args.batch, seed=args.seed)
     return [("MMPS, 1 CG", clean, RestoreConfig(method="mmps", cg_iters=1, **base)),
             ("MMPS, 3 CG", clean, RestoreConfig(method="mmps", cg_iters=3, **base)),
+            ("MMPS, 1 CG, sigma_y=0.1", clean, RestoreConfig(method="mmps", cg_iters=1, sigma_y=0.1, **base)),
             (f"DPS, zeta={args.dps_step:g}", clean, RestoreConfig(method="dps", dps_step=args.dps_step, **base)),
             ("projection", clean, RestoreConfig(method="project", **base)),
             ("ambient-mean (ambient p=0.8)", amb, RestoreConfig(method="ambient-mean", **base))]
@@ -172,6 +180,7 @@ def main(argv=None) -> None:
         batches = math.ceil(len(data) / cfg.batch)
         k, ks = kid(u8)
         rows.append({"method": name, "model": m.key, "psnr": hidden_psnr(u8, truth, masks), "kid": k, "kid_std": ks,
+                     "observed_rms": observed_rms(res.images, data),
                      "seconds_per_image": res.seconds / len(data), "forwards_per_image": res.calls["forward"] / batches,
                      "vjps_per_image": res.calls["vjp"] / batches, "steps": cfg.steps})
         log(f"{name}: PSNR(hidden) {rows[-1]['psnr']:.2f} dB  KID×10³ {1e3 * k:.1f}  "
@@ -208,13 +217,14 @@ def section(rows: list[dict], meta: dict, figure: str) -> str:
            f"(p = {meta['p']:g} dust masks, one restoration each), KID reference {meta['num_ref']} clean test "
            f"images; {meta['steps']} Heun steps; batch {meta['batch']}. Side-by-side timing: batches of "
            f"{meta['time_batch']}, median of {meta['repeats']}.", "",
-           "| method | PSNR hidden (dB) ↑ | KID ×10³ ↓ | ms / image | forwards / image | VJPs / image "
-           "| × plain Heun | network-call equivalents |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| method | PSNR hidden (dB) ↑ | KID ×10³ ↓ | RMS vs y, observed | ms / image | forwards / image "
+           "| VJPs / image | × plain Heun | network-call equivalents |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ms = r.get("seconds_per_image")
         out.append(f"| {r['method']} | {_f(r['psnr'], '.2f')} | {1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f} | "
-                   f"{_f(None if ms is None else 1e3 * ms, '.0f')} | {_f(r.get('forwards_per_image'), '.0f')} | "
+                   f"{_f(r.get('observed_rms'), '.3f')} | {_f(None if ms is None else 1e3 * ms, '.0f')} | "
+                   f"{_f(r.get('forwards_per_image'), '.0f')} | "
                    f"{_f(r.get('vjps_per_image'), '.0f')} | {_f(r.get('ratio_to_plain_heun'), '.2f')} | "
                    f"{_f(r.get('network_call_equivalents'), '.0f')} |")
     out += ["", f"![observation, each method, truth]({figure})", ""]
