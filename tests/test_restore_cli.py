@@ -172,3 +172,39 @@ def test_out_must_be_an_npz(models, tmp_path, capsys):
     code, _, err = run(restore_args(root / "naive", obs, tmp_path / "folder"), capsys)
     assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "folder").exists()
+
+
+def test_a_vanilla_finetuned_diffusers_model_restores_on_its_own_schedule(models, tmp_path, capsys):
+    from tests.test_finetune import save_npz, save_pipeline, tiny_unet
+
+    pre = save_pipeline(tmp_path / "pre", tiny_unet())
+    code, _, err = run(["finetune", "--pretrained", str(pre), "--data", save_npz(tmp_path / "d.npz"),
+                        "--corruption-probability", "0", "--delta-probability", "0", "--mask-mode", "input",
+                        "--batch", "2", "--steps", "1", "--outdir", str(tmp_path / "ft"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    _, obs = models
+    out = tmp_path / "ft.npz"
+    code, _, err = run(restore_args(tmp_path / "ft", obs, out, "--method", "mmps", "--max-size", "3",
+                                    "--num-per-image", "2"), capsys)
+    assert code == 0, err
+    images, index, diff, mask = hidden_and_observed(out, obs)
+    assert images.shape == (6, 8, 8, 1) and index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert diff[mask].max() <= 1
+    code, _, err = run(restore_args(tmp_path / "ft", obs, tmp_path / "no.npz", "--method", "ambient-mean"), capsys)
+    assert code == 2 and "--method ambient-mean" in err and not (tmp_path / "no.npz").exists()
+
+
+def test_restore_config_round_trips_and_names_bad_fields():
+    import json
+
+    from ambient.errors import AmbientInputError
+    from ambient.restore import RestoreConfig
+
+    cfg = RestoreConfig(method="dps", steps=7, cg_iters=2, num_per_image=3, sigma_y=0.05, seed=4, dps_step=2.0)
+    assert RestoreConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for field, value, flag in [("sigma_y", -0.1, "--sigma-y"), ("num_per_image", 0, "--num-per-image"),
+                               ("method", "magic", "--method"), ("cg_iters", 0, "--cg-iters")]:
+        with pytest.raises(AmbientInputError, match=flag):
+            RestoreConfig(**{field: value})
+    with pytest.raises(AmbientInputError, match="unknown keys: colour"):
+        RestoreConfig.from_dict({"colour": 1})
