@@ -14,6 +14,7 @@ same batch, timed side by side (alternating, median of ``--repeats``); network-c
 that ratio × (2·steps − 1), the forwards of one plain Heun trajectory.
 
     python benchmarks/restore.py --quick --threads 1   # validate's quick models (1.5 kimg), 32 observations
+    python benchmarks/restore.py --mode medium --threads 2   # validate's medium models (18 kimg), 200 observations
     python benchmarks/restore.py --threads 2           # full: validate's full models (60 kimg), 500 observations
 
 Writes this mode's section of docs/restore.md (between its markers), its rows of docs/restore.json and
@@ -55,6 +56,7 @@ TEST = "builtin:fashion-mnist:test"
 OBS_START = 8000  # observations: test images from here on; the KID reference is the first --num-ref
 P = 0.8
 MODES = {"quick": dict(kimg=1.5, num_obs=32, num_ref=128, repeats=2, time_batch=16),
+         "medium": dict(kimg=18.0, num_obs=200, num_ref=1000, repeats=3, time_batch=32),
          "full": dict(kimg=60.0, num_obs=500, num_ref=2000, repeats=3, time_batch=32)}
 
 
