@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ambient.denoiser import MaskDenoiser
+from ambient.denoiser import MaskDenoiser, edm_scalings
 from ambient.songunet import SongUNet, SongUNetConfig
 
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=(16,), channel_mult_emb=4, channel_mult_noise=1,
@@ -81,11 +81,8 @@ class ReferenceDenoiser(MaskDenoiser):
         if self.label_dim:
             class_labels = (x.new_zeros(n, self.label_dim) if class_labels is None
                             else class_labels.to(torch.float32).reshape(n, self.label_dim))
-        s, sd = sigma.to(torch.float32).reshape(n, 1, 1, 1), self.sigma_data
-        c_skip = sd**2 / (s**2 + sd**2)
-        c_out = s * sd / (s**2 + sd**2).sqrt()
-        c_in = 1.0 / (s**2 + sd**2).sqrt()
-        out = self.model(c_in * x, (s.log() / 4).reshape(n), class_labels=class_labels)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma.to(torch.float32).reshape(n, 1, 1, 1), self.sigma_data)
+        out = self.model(c_in * x, c_noise.reshape(n), class_labels=class_labels)
         return (c_skip * x + c_out * out.to(torch.float32))[:, : self.img_channels]
 
 

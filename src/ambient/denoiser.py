@@ -41,6 +41,15 @@ def check_denoiser_inputs(x: torch.Tensor, sigma, mask: torch.Tensor | None, img
     return sigma
 
 
+def edm_scalings(sigma: torch.Tensor, sigma_data: float):
+    """EDM's plain (c_skip, c_out, c_in, c_noise) for noise levels ``sigma`` (Karras et al. 2022, Table 1)."""
+    sd = sigma_data
+    c_skip = sd**2 / (sigma**2 + sd**2)
+    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+    c_in = 1.0 / (sigma**2 + sd**2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
+
+
 class FullImageDenoiser(nn.Module):
     """Base of full-image denoisers ``D(x, sigma) -> x0``.
 
@@ -111,10 +120,7 @@ class Denoiser(MaskDenoiser):
     def scalings(self, sigma: torch.Tensor, mask: torch.Tensor | None = None):
         """(c_skip, c_out, c_in, c_noise) broadcastable against the image; per pixel if mask-aware."""
         sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.log() / 4
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma, sd)
         if mask is not None and self.mask_aware:
             c_skip = c_skip * mask
             c_out = c_out * mask + sd * (1.0 - mask)
