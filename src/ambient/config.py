@@ -14,8 +14,9 @@ from ambient.corruption import PATTERNS, Corruption
 from ambient.ddpmpp import SONG_PRESETS
 from ambient.errors import AmbientInputError
 from ambient.loss import NORMALIZATIONS
+from ambient.loss import OBJECTIVES as _LOSSES
 
-OBJECTIVES = ("ambient", "naive")
+OBJECTIVES = tuple(_LOSSES)  # the loss objects' names (ambient.loss.training_loss)
 ARCHS = (*PRESETS, *SONG_PRESETS)  # diffusers UNet2DModel presets, then the paper's DDPM++ (ambient.ddpmpp)
 PRECISIONS = ("fp32", "bf16")
 
