@@ -177,7 +177,7 @@ def test_warm_start_takes_the_ema_weights_and_refuses_another_network(em_run, tm
     with pytest.raises(AmbientInputError, match="--init .*differs"):
         train(TrainConfig(outdir=str(tmp_path / "other"), arch="small", init=str(root / "run"), **base),
               progress=False)
-    assert not (tmp_path / "other" / "config.json").exists()
+    assert not (tmp_path / "other").exists()  # a refused run writes nothing, not even its folder
 
 
 def test_init_from_an_ambient_model_changes_only_the_hidden_pixels_of_lap_0(em_run, tmp_path, capsys):

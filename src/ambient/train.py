@@ -166,10 +166,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
                   "data": {"num_images": len(data), "shape": list(data.shape),
                            "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
-    if env.rank == 0:
-        check_writable(outdir)
     net, ema, opt, state = _build_or_resume(cfg, model_cfg, run_config, source, device,
                                             log if env.rank == 0 else (lambda _m: None))
+    if env.rank == 0:  # after every check of the inputs (e.g. --init's network), so a refusal writes nothing
+        check_writable(outdir)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)
