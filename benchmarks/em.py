@@ -11,6 +11,7 @@ validate's (FID, KID, SWD against the first --num-ref clean test images); the KI
 hidden pixels against the clean training images; E-step and M-step wall times.
 
     python benchmarks/em.py --quick --threads 1   # pipeline check, 1.5 kimg, 2 laps, N = 64: 6.5 min
+    python benchmarks/em.py --mode medium --threads 2   # validate's medium models (18 kimg), 3 laps × 6 kimg
     python benchmarks/em.py --threads 2           # full: 60 kimg, 5 laps × 12 kimg, 1000 fresh completions per lap
 
 Writes docs/em.md (full mode) or docs/em_<mode>.md (labelled as such), the per-lap curve and the sample
@@ -50,6 +51,7 @@ P = 0.8
 # log-likelihood still rose after 40 iterations on 2000 images), hence 50 iterations.
 MODES = {
     "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=20, gaussian_size=2000),
+    "medium": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=30, gaussian_size=3000),
     "full": dict(laps=5, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
 }
 log = validate.log
