@@ -10,7 +10,8 @@ from ambient.distributed import compile_regions
 from ambient.io import read_jsonl
 from ambient.loss import AmbientLoss
 from ambient.model import ModelConfig, build_denoiser
-from ambient.train import _INIT, train
+from ambient.train import train
+from ambient.training import INIT_STREAM
 from tests.helpers_data import write_npz
 
 SHAPE = (8, 1, 8, 8)
@@ -72,7 +73,7 @@ def _weights(path) -> torch.Tensor:
 
 def _init_weights() -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mix_seed(_INIT, RUN["seed"]))
+        torch.manual_seed(mix_seed(INIT_STREAM, RUN["seed"]))
         net = build_denoiser(ModelConfig(arch="tiny", img_channels=1, resolution=8))
     state = net.state_dict()
     return torch.cat([state[k].flatten() for k in sorted(state)])

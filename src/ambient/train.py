@@ -46,8 +46,6 @@ from ambient.training import (
 )
 from ambient.warmstart import load_init_weights
 
-_STEP, _INIT = STEP_STREAM, INIT_STREAM
-
 
 @dataclass
 class TrainState:
@@ -113,7 +111,7 @@ def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict,
     fresh, warm-started from ``cfg.init``, or restored from the snapshot ``source``."""
     state = TrainState()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(mix_seed(_INIT, cfg.seed))
+        torch.manual_seed(mix_seed(INIT_STREAM, cfg.seed))
         net = build_denoiser(model_cfg)
     net.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -212,12 +210,12 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         idx = order.indices(state.nimg, cfg.batch)
         y, mask = data.batch(idx)
         labels = batch_labels(data, idx, model_cfg.label_dim, device)
-        g = torch.Generator(device).manual_seed(mix_seed(_STEP, cfg.seed, state.step))
+        g = torch.Generator(device).manual_seed(mix_seed(STEP_STREAM, cfg.seed, state.step))
         y, mask = y.to(device), mask.to(device)
         inputs = loss_fn.draw(y, mask, idx, g, cfg.augment)  # flips, Ã, σ, noise of the global batch
         den = model if labels is None else functools.partial(model, class_labels=labels[mine])
         loss = _backward(den, loss_fn, inputs[mine], opt, autocast, per_rank, device,
-                         mix_seed(_STEP, cfg.seed, state.step, env.rank))
+                         mix_seed(STEP_STREAM, cfg.seed, state.step, env.rank))
         global_loss = float(dist_utils.mean_across(loss.detach(), env))  # ranks must agree on skipping
         lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
         guard = NonFiniteGuard(cfg.max_nonfinite, state.skipped, state.consecutive_skipped)
