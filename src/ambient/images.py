@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ambient.errors import AmbientInputError
-from ambient.io import atomic_write
+from ambient.io import atomic_save_npz, atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -164,7 +164,7 @@ def save_images_npz(path: str | os.PathLike, images: torch.Tensor | np.ndarray,
         if m.size and not np.isin(m, (0, 1)).all():
             raise ValueError("masks must contain only 0 and 1")
         arrays["masks"] = np.ascontiguousarray(m.astype(np.uint8))
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_save_npz(path, **arrays)
 
 
 def save_images_folder(directory: str | os.PathLike, images: torch.Tensor | np.ndarray, *,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -113,9 +112,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = Tr
 
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """Write arrays as an (uncompressed) npz file atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 @contextlib.contextmanager
