@@ -1,7 +1,8 @@
 """The EM learner (``ambient em``): a full-image diffusion model learnt from masked observations.
 
 Lap 0 fits a Gaussian prior to the observations by closed-form missing-data EM
-(:mod:`ambient.em_gaussian`) and completes them with exact draws of its posterior; lap ℓ ≥ 1
+(:mod:`ambient.em_gaussian`) and completes them with its posterior mean (``lap0="mean"``, the
+default) or with exact draws of its posterior (``lap0="sample"``, as DiEM does); lap ℓ ≥ 1
 completes them with posterior samples (MMPS, :mod:`ambient.posterior`) of the model of lap ℓ − 1
 (E-step). Every lap then trains an ordinary full-image EDM model on its completions (M-step:
 ``objective="naive"``, no masks), warm-started from the previous lap's EMA weights with a fresh
@@ -41,6 +42,7 @@ from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_js
 from ambient.model import MODEL_POINTER, load_model
 
 _SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
+LAP0 = ("mean", "sample")
 RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
 
 
@@ -77,7 +79,8 @@ class EMConfig:
     grid_samples: int = 16
     seed: int = 0
     device: str = "auto"
-    init: str | None = None  # an ambient (mask-input) model: lap 0 = its posterior mean + the Gaussian's residual
+    init: str | None = None  # an ambient (mask-input) model: lap 0 starts from its posterior mean (see lap0)
+    lap0: str = "mean"  # lap 0's completions: the posterior "mean", or exact posterior draws ("sample")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +115,7 @@ class EMConfig:
         if not 0 <= self.corruption_probability < 1:
             bad("corruption_probability", "must be in [0, 1)")
         for name, allowed in (("corruption_pattern", PATTERNS), ("gaussian_noise", NOISES), ("arch", ARCHS),
-                              ("solver", ("heun", "euler"))):
+                              ("solver", ("heun", "euler")), ("lap0", LAP0)):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}")
         if not is_int(self.grid_samples, 0):
@@ -198,6 +201,8 @@ class EMRun:
             return
         saved = read_json(path)
         old, meta = saved.get("em", {}), saved.get("data", {})
+        if old and "lap0" not in old:  # runs from before the lap0 option drew exact Gaussian posterior samples
+            old["lap0"] = "sample"
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
@@ -231,31 +236,38 @@ class EMRun:
         return self.root
 
     def gaussian_lap(self) -> dict:
-        """Lap 0's E-step: fit (or reload) the Gaussian prior, then draw its exact posterior completions."""
+        """Lap 0's E-step: fit (or reload) the Gaussian prior, then complete the observations with its posterior
+        mean or draws (or with the --init model's posterior mean; then the Gaussian is fitted only for draws)."""
         cfg, started = self.cfg, time.perf_counter()
-        path = self.root / "gaussian.npz"
-        if path.is_file():
-            z = read_npz(path)
-            prior, history = GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
-        else:
-            fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
-            prior, history = fit_gaussian(self.y[fit], self.mask[fit], min(cfg.rank, self.y[0].numel()),
-                                          cfg.gaussian_iters, noise=cfg.gaussian_noise,
-                                          callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
-            atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
+        prior, history = (None, [None]) if self.init_model is not None and cfg.lap0 == "mean" else self.gaussian()
         out = self.completions_path(0)
         idx = subset(len(self.data), None if cfg.pool else cfg.estep_size, _SUBSET, cfg.seed, 0)  # Gaussian: cheap
         if not out.is_file():
-            seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
             y, mask = self.y[idx], self.mask[idx]
-            done = prior.sample_posterior(y, mask, seeds)
-            if self.init_model is not None:  # the ambient model's mean + the Gaussian posterior's residual
-                done = done - prior.posterior_mean(y, mask) + ambient_mean(self.init_model.denoiser, y, mask)
-                done = mask * y + (1 - mask) * done
-            done = done.float()
+            seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
+            if self.init_model is None:
+                done = prior.sample_posterior(y, mask, seeds) if cfg.lap0 == "sample" else prior.posterior_mean(y, mask)
+            else:
+                done = ambient_mean(self.init_model.denoiser, y, mask).double()
+                if cfg.lap0 == "sample":  # + the Gaussian posterior's residual (draw minus its mean)
+                    done = done + prior.sample_posterior(y, mask, seeds) - prior.posterior_mean(y, mask)
+            done = (mask * y + (1 - mask) * done).float()
             atomic_save_npz(out, images=to_hwc(done), index=idx.numpy())
         return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
-                "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank}
+                "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank if prior else None}
+
+    def gaussian(self) -> tuple[GaussianPrior, list[float]]:
+        """The lap-0 Gaussian prior and its log-likelihood per iteration: fitted once, then reloaded."""
+        cfg, path = self.cfg, self.root / "gaussian.npz"
+        if path.is_file():
+            z = read_npz(path)
+            return GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
+        fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
+        prior, history = fit_gaussian(self.y[fit], self.mask[fit], min(cfg.rank, self.y[0].numel()),
+                                      cfg.gaussian_iters, noise=cfg.gaussian_noise,
+                                      callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
+        atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
+        return prior, history
 
     def estep(self, lap: int) -> dict:
         """Lap ``lap``'s E-step with the model of lap − 1, a batch at a time (finished batches kept)."""

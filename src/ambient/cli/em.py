@@ -43,8 +43,12 @@ EM_OPTIONS = [
     ("snapshot_kimg", float, "M-step snapshot interval in kimg (the unit of resuming an M-step)."),
     ("grid_samples", int, "Images in each M-step snapshot's sample grid; 0 disables."),
     ("seed", int, "Seed of drawn masks, subsets, posterior draws and training."),
-    ("init", str, "An ambient (mask-input) model trained on these observations: lap 0's completions become its "
-                  "posterior mean plus the Gaussian posterior's residual (draw minus the Gaussian's mean)."),
+    ("init", str, "An ambient (mask-input) model trained on these observations: lap 0's completions start from "
+                  "its posterior mean instead of the Gaussian's."),
+    ("lap0", click.Choice(["mean", "sample"]), "Lap 0's completions: the posterior mean (Gaussian's, or --init's), "
+                                               "or 'sample': plus the Gaussian posterior's residual (exact Gaussian "
+                                               "posterior draws without --init). Inception KID of 1000 Fashion-MNIST "
+                                               "completions at p = 0.8: 100 (mean) vs 180 (sample)."),
     ("device", str, "auto, cpu, cuda or cuda:N."),
 ]
 
