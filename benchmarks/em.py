@@ -7,12 +7,13 @@ images in total (laps × lap kimg = the baselines' kimg), with the same backbone
 
 Per lap ℓ: its model's samples (seeds 0..N−1, Heun 18 steps, plain full-image sampling) scored like
 validate's (FID, KID, SWD against the first --num-ref clean test images); the KID of the lap's completions
-(the images its M-step trained on; lap 0: exact posterior draws of the Gaussian prior) and their PSNR on the
+(the images its M-step trained on; lap 0: the Gaussian prior's posterior mean, or with --lap0 sample its exact
+posterior draws) and their PSNR on the
 hidden pixels against the clean training images; E-step and M-step wall times.
 
     python benchmarks/em.py --quick --threads 1   # pipeline check, 1.5 kimg, 2 laps, N = 64: 6.5 min
     python benchmarks/em.py --mode medium --threads 2   # validate's medium models (18 kimg), 3 laps × 6 kimg
-    python benchmarks/em.py --threads 2           # full: 60 kimg, 5 laps × 12 kimg, 1000 fresh completions per lap
+    python benchmarks/em.py --threads 2           # full: 60 kimg, 3 laps × 20 kimg, 1000 fresh completions per lap
 
 Writes docs/em.md (full mode) or docs/em_<mode>.md (labelled as such), the per-lap curve and the sample
 grid beside it, and rows ``"method": "em"`` with ``"lap"`` in docs/results.json (table "em", this mode's
@@ -44,15 +45,14 @@ from validate_report import read_rows, write_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 0.8
-# Full mode, sized from the quick run's timings on one busy core (an estimate, not measured): MMPS with 1 CG
-# iteration costs ~29 ms per image per network call (3 passes), so 4 E-steps × 1000 images × 27 calls ≈ 52 min;
-# the Gaussian (rank 64, 5000 observations) ~2 s per 1000 observations per iteration ≈ 8 min; M-steps 60 kimg
-# ≈ 30 min; samples and scores of 5 laps ≈ 20 min. Missing-data EM converges slowly at 80 % missing (the
-# log-likelihood still rose after 40 iterations on 2000 images), hence 50 iterations.
+# Full mode, sized from the medium run (1 thread, shared CPU): an MMPS E-step of 1000 observations (14 Heun
+# steps, 1 CG iteration) took ~7 min, 20 kimg of M-step ~6 min, 1000 samples ~3 min; so 3 laps ≈ 45 min. The
+# Gaussian (rank 64, 5000 observations, 50 iterations) ≈ 4 min. Missing-data EM converges slowly at 80 % missing
+# (the log-likelihood still rose after 40 iterations on 2000 images), hence 50 iterations.
 MODES = {
     "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=20, gaussian_size=2000),
     "medium": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=30, gaussian_size=3000),
-    "full": dict(laps=5, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
+    "full": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
 }
 log = validate.log
 
@@ -71,6 +71,8 @@ def parse_args(argv=None):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     for flag in ("--kimg", "--num-samples", "--num-ref"):  # passed on to validate's settings (default: its mode's)
         ap.add_argument(flag, default=None)
+    ap.add_argument("--lap0", choices=("mean", "sample"), default="mean",
+                    help="lap 0's completions: posterior mean (default) or exact Gaussian posterior draws")
     ap.add_argument("--cg-iters", type=int, default=1)
     ap.add_argument("--sigma-y", type=float, default=1e-3)
     args = ap.parse_args(argv)
@@ -91,11 +93,12 @@ def parse_args(argv=None):
 def em_config(args, init: str | None = None) -> EMConfig:
     v = args.val
     lap_kimg = v.kimg / args.laps
-    name = f"em-p{P:g}" + ("-init" if init else "")
+    name = f"em-p{P:g}" + ("-init" if init else "") + ("-sample" if args.lap0 == "sample" else "")
     return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), corruption_probability=P, init=init,
                     laps=args.laps, lap_kimg=lap_kimg, estep_size=args.estep_size, rank=args.rank,
                     gaussian_iters=args.gaussian_iters, gaussian_size=args.gaussian_size, steps=args.steps,
-                    cg_iters=args.cg_iters, sigma_y=args.sigma_y, estep_batch=64, arch=v.arch, batch=v.batch,
+                    cg_iters=args.cg_iters, sigma_y=args.sigma_y, estep_batch=64, lap0=args.lap0,
+                    arch=v.arch, batch=v.batch,
                     lr=v.lr, ema=max(lap_kimg / 8, 0.1), snapshot_kimg=max(lap_kimg / 2, 0.5), seed=v.seed)
 
 
@@ -179,7 +182,12 @@ def main(argv=None) -> None:
     read_rows(Path(args.docs_dir) / "results.json")
     base = dict(mode=args.mode, arch=v.arch, num_ref=v.num_ref)
     scorer = validate.Scorer(v.num_ref, v.seed)
-    rows, samples = [], {}
+    rows, samples, runs = [], {}, []
+    cfg = em_config(args)  # EM first: it needs no baseline, so it can run while validate.py trains them
+    log(f"em: {cfg.laps} laps × {cfg.lap_kimg:g} kimg, {cfg.estep_size} completions per lap, MMPS "
+        f"{cfg.steps} steps, Gaussian rank {cfg.rank}, lap 0 = {cfg.lap0}; run in {cfg.outdir}")
+    run_em(cfg, log=log)
+    runs.append(("em", cfg))
     for m in (validate.Method("clean", 0.0, 0.0), validate.Method("naive", P, 0.0),
               validate.Method("ambient", P, v.delta)):
         rec = validate.train_stage(m, v, v.out_dir)
@@ -188,13 +196,13 @@ def main(argv=None) -> None:
         rows.append({**base, "table": "baseline", "method": m.name, "p": m.p, "delta": m.delta, "kimg": v.kimg,
                      "train_s": rec["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: KID {rows[-1]['kid']:.4f}  FID {rows[-1]['fid']:.1f}")
-    ambient_dir = str(v.out_dir / validate.Method("ambient", P, v.delta).key)
-    ordered = {"ambient": samples["ambient"]}
-    for method, init in [("em", None)] + ([("em-init", ambient_dir)] if args.with_init else []):
-        cfg = em_config(args, init)
-        log(f"{method}: {cfg.laps} laps × {cfg.lap_kimg:g} kimg, {cfg.estep_size} completions per lap, MMPS "
-            f"{cfg.steps} steps, Gaussian rank {cfg.rank}; run in {cfg.outdir}")
+    if args.with_init:
+        cfg = em_config(args, str(v.out_dir / validate.Method("ambient", P, v.delta).key))
+        log(f"em-init: as em, lap 0 from the ambient model's posterior mean; run in {cfg.outdir}")
         run_em(cfg, log=log)
+        runs.append(("em-init", cfg))
+    ordered = {"ambient": samples["ambient"]}
+    for method, cfg in runs:
         lap_rows, lap_samples_ = em_rows(args, cfg, scorer, base, method)
         rows += lap_rows
         ordered[f"{method} lap {max(lap_samples_)}"] = lap_samples_[max(lap_samples_)]

@@ -86,7 +86,9 @@ def write_markdown(rows: list[dict], meta: dict) -> str:
         f"{v['lr']:g}, {v['kimg']:g} kimg, seed {v['seed']}). EM: the same observations as ambient p = 0.8, "
         f"{e['laps']} laps × {e['lap_kimg']:g} kimg (same images seen in total), lap 0 = Gaussian prior "
         f"({e['gaussian_noise']} + rank {e['rank']}, {e['gaussian_iters']} closed-form EM iterations on "
-        f"{e['gaussian_size']} observations), then MMPS E-steps ({e['steps']} Heun steps, {e['cg_iters']} CG "
+        f"{e['gaussian_size']} observations; lap-0 completions = its posterior {e.get('lap0', 'sample')}"
+        f"{'' if e.get('lap0', 'sample') == 'mean' else ' draws'}), then MMPS E-steps ({e['steps']} Heun steps, "
+        f"{e['cg_iters']} CG "
         f"iteration, σ_y = {e['sigma_y']:g}) on {e['estep_size']} observations per lap; each M-step warm-starts "
         "from the previous lap with a fresh optimizer.", "",
         f"Scores: {v['num_samples']} samples (seeds 0..{v['num_samples'] - 1}, Heun 18 steps) against the first "

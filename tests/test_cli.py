@@ -1,5 +1,6 @@
 """CLI on tiny data: train → sample → resume, data with masks, and the bad-input catalogue."""
 
+import json
 import subprocess
 import sys
 
@@ -226,3 +227,17 @@ def test_readme_commands_are_what_ci_runs():
     assert "bash ./dev.sh test" in ci.splitlines()[-1]
     bad = subprocess.run(["bash", str(root / "dev.sh"), "bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage: ./dev.sh demo|test|setup" in bad.stderr
+
+
+def test_box_law_that_cannot_teach_as_box_is_named_in_dry_run_and_training_log(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=4)
+    box = ["--corruption-pattern", "box", "--corruption-probability", "0.5"]
+    code, stdout, _ = run(["train", "--data", str(root), "--outdir", str(tmp_path / "dry"), *box,
+                           "--delta-probability", "0.25", "--dry-run"], capsys)
+    assert code == 0 and "--delta-probability 0.5" in json.loads(stdout)["unlearnt_pixels"]
+    code, stdout, _ = run(["train", "--data", str(root), "--outdir", str(tmp_path / "dry"), *box,
+                           "--delta-probability", "0.5", "--dry-run"], capsys)
+    assert code == 0 and json.loads(stdout)["unlearnt_pixels"] is None
+    code, _, err = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--kimg", "0.016", *box,
+                        "--delta-probability", "0.25", *TINY], capsys)
+    assert code == 0 and "warning: box masks" in err

@@ -155,3 +155,42 @@ def test_bad_masks():
         Corruption("dust", 0.5, 0.5).further(torch.full_like(x, 2.0))
     with pytest.raises(ValueError, match="shape"):
         Corruption().mask((2, 4, 4))
+
+
+def _hole_corners(masks: torch.Tensor, side: int) -> list[tuple[int, int]]:
+    """Top-left corner of the side × side zero square of each (1, h, w) mask (a lone box)."""
+    out = []
+    for m in masks[:, 0]:
+        rows, cols = torch.nonzero(m == 0, as_tuple=True)
+        assert len(rows) == side * side
+        out.append((int(rows.min()), int(cols.min())))
+    return out
+
+
+def test_box_further_of_as_size_makes_the_two_boxes_exchangeable():
+    """With δ = p, A's box and Ã's further box are i.i.d. uniform squares of one size, so given two
+    disjoint holes in Ã each is A's with probability 1/2: every hidden pixel may be graded (learnt)."""
+    h = w = 10
+    law = Corruption("box", 0.3, 0.3)  # two 3×3 boxes
+    g = gen(5)
+    a = law.mask((4000, 1, h, w), g)
+    b = Corruption("box", 0.3, 0.0).mask((4000, 1, h, w), g)  # what further() removes, drawn the same way
+    first, second = _hole_corners(a, 3), _hole_corners(b, 3)
+    for axis in (0, 1):  # same marginal law of the corner, position by position
+        ca = torch.bincount(torch.tensor([c[axis] for c in first]), minlength=8).double() / 4000
+        cb = torch.bincount(torch.tensor([c[axis] for c in second]), minlength=8).double() / 4000
+        assert (ca - 1 / 8).abs().max() < 0.03 and (cb - 1 / 8).abs().max() < 0.03
+    assert law.unlearnt_hole(h, w) is None
+    # further() removes one square of A's size per image (where it does not overlap A's)
+    a_hat = law.further(a, gen(6))
+    removed = ((a == 1) & (a_hat == 0)).flatten(1).sum(1)
+    assert int(removed.max()) == 9 and bool((removed <= 9).all())
+
+
+@pytest.mark.parametrize("pattern,p,delta,needle", [
+    ("box", 0.5, 0.2, "6×6 but A's is 14×14"), ("box", 0.5, 0.7, "20×20 but A's is 14×14"),
+    ("fixed_box", 0.5, 0.5, "centre"), ("keep_patch", 0.5, 0.2, "outside its patch")])
+def test_laws_that_never_teach_some_hidden_pixels_are_named(pattern, p, delta, needle):
+    assert needle in Corruption(pattern, p, delta).unlearnt_hole(28, 28)
+    assert Corruption("dust", p, delta).unlearnt_hole(28, 28) is None
+    assert Corruption("box", p, p).unlearnt_hole(28, 28) is None

@@ -219,6 +219,32 @@ class Corruption:
             out.append(self.further(m[None].cpu(), generator=g)[0])
         return torch.stack(out).to(mask.device)
 
+    # ------------------------------------------------------------------ what ambient training can learn
+    def unlearnt_hole(self, height: int, width: int) -> str | None:
+        """Why some pixels hidden by A are never learnt by ambient training under this law (None: all are).
+
+        The ambient loss grades pixel i only where A_i = 1, so the network learns to fill a pixel hidden
+        by Ã only if, given Ã, the pixel may have been observed under A (the paper's condition that
+        E[AᵀA | Ã] has full rank). Dust masks meet it. For ``box`` it holds only when the further box has
+        A's size: a further box of another size is told apart by its size, so A's box is never graded,
+        and the sampler's masks (drawn like Ã) leave an untrained square in every sample. ``fixed_box``
+        always hides the centre, and ``keep_patch`` never shows what lies outside its patch.
+        """
+        if self.pattern == "box" and self.p > 0:
+            a = (_ceil(self.p * height), _ceil(self.p * width))
+            b = (_ceil(self.delta * height), _ceil(self.delta * width))
+            if a != b:
+                return (f"box masks: Ã's further box is {b[0]}×{b[1]} but A's is {a[0]}×{a[1]}, so the network can "
+                        "tell A's box apart and is never graded inside it; sampled images keep an untrained "
+                        f"square there (use --delta-probability {self.p:g}, the same size as A's box)")
+        if self.pattern == "fixed_box" and self.p > 0:
+            return ("fixed_box masks: A always hides the centre, so the network is never graded there; sampled "
+                    "images keep an untrained square at the centre")
+        if self.pattern == "keep_patch" and self.p > 0:
+            return ("keep_patch masks: A never shows what lies outside its patch, so the network is never graded "
+                    "there; sampled images are learnt only inside the sampler's patch")
+        return None
+
     # ------------------------------------------------------------------ statistics
     def expected_survival(self, height: int, width: int) -> float:
         """Expected share of pixels observed under A."""

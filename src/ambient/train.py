@@ -160,6 +160,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
                             further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed)
     if env.rank == 0 and data.has_data_masks and data.channels > 1 and loss_fn.mask_input:
         log(f"mask law: {law}")
+    unlearnt = unlearnt_hole(cfg, data)
+    if env.rank == 0 and unlearnt:
+        log(f"warning: {unlearnt}")
     spec = sampling_spec_for(cfg, data)
     run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
                   "data": {"num_images": len(data), "shape": list(data.shape),
@@ -257,10 +260,19 @@ def dry_run(cfg: TrainConfig) -> str:
     """
     cfg.validate()
     outdir = Path(cfg.outdir)
+    unlearnt = None
     try:
-        cfg, _, law = _load_data_with_law(cfg, _resume_source(cfg, outdir))
+        cfg, data, law = _load_data_with_law(cfg, _resume_source(cfg, outdir))
+        unlearnt = unlearnt_hole(cfg, data)
     except AmbientInputError as exc:
         why = " ".join(str(exc).split())
         law = (f"from the data's masks, once the data can be read ({why})" if cfg.mask_full_rgb is None else
                f"per {'pixel' if cfg.mask_full_rgb else 'channel'} (flag; the data could not be read: {why})")
-    return json.dumps({**cfg.to_dict(), "mask_law": law}, indent=2)
+    return json.dumps({**cfg.to_dict(), "mask_law": law, "unlearnt_pixels": unlearnt}, indent=2, ensure_ascii=False)
+
+
+def unlearnt_hole(cfg: TrainConfig, data) -> str | None:
+    """:meth:`Corruption.unlearnt_hole` for an ambient run whose masks are drawn (None otherwise)."""
+    if cfg.objective != "ambient" or data.has_data_masks or cfg.corruption_probability == 0:
+        return None
+    return cfg.corruption.unlearnt_hole(*data.shape[1:])
