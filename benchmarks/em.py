@@ -55,6 +55,7 @@ MODES = {
     "full": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
 }
 log = validate.log
+NOTES = "<!-- notes: written by hand, kept when benchmarks/em.py rewrites the page above -->"
 
 
 def parse_args(argv=None):
@@ -165,7 +166,11 @@ def publish(args, cfg: EMConfig, rows: list[dict], samples: dict, argv, started:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - started,
             "threads": torch.get_num_threads(), "em": cfg.to_dict(), "figures": figs,
             "val": {k: getattr(args.val, k) for k in ("kimg", "arch", "batch", "lr", "num_samples", "num_ref", "seed")}}
-    atomic_write_text(docs / f"em{suffix}.md", write_markdown(rows, meta))
+    page = docs / f"em{suffix}.md"
+    notes = ""  # hand-written analysis below the NOTES marker survives a rerun
+    if page.is_file() and NOTES in page.read_text(encoding="utf-8"):
+        notes = NOTES + page.read_text(encoding="utf-8").split(NOTES, 1)[1]
+    atomic_write_text(page, write_markdown(rows, meta) + ("\n" + notes if notes else ""))
     path = docs / "results.json"
     old = [r for r in read_rows(path) if not (r.get("table") == "em" and r.get("mode") == args.mode)]
     keep = ("method", "lap", "p", "delta", "fid", "kid", "kid_std", "swd", "kimg", "table", "mode", "arch",

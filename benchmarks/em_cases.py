@@ -143,7 +143,7 @@ def box_setup(args, root: Path):
     return models, em_kwargs, load_images(validate.DATA), ref, examples, f"ambient-d{BOX_DELTAS[-1]:g}"
 
 
-def box_hole_errors(model_dir: str, delta: float, n: int, seed: int = 7) -> dict:
+def box_hole_errors(model_dir: str, clean_dir: str, delta: float, n: int, seed: int = 7) -> dict:
     """Where does a box-trained ambient model fill holes well? Its posterior mean E[x | Ã ⊙ x, Ã] on clean
     test images, with masks drawn from its own training law (A: a p-box; Ã: A minus a δ-box), scored on
     A's hole (never graded when the network can tell it apart) and on the δ-box's pixels inside A (graded)."""
@@ -155,12 +155,24 @@ def box_hole_errors(model_dir: str, delta: float, n: int, seed: int = 7) -> dict
     g = torch.Generator().manual_seed(seed)
     a = law.mask(x.shape, generator=g)
     a_tilde = law.further(a, generator=g)
-    est = ambient_mean(load_model(model_dir).denoiser, x, a_tilde)
+    den = load_model(model_dir).denoiser
+    est = ambient_mean(den, x, a_tilde)
     sq = (est - x) ** 2
     out = {}
     for name, where in (("a_hole", a == 0), ("delta_hole", (a == 1) & (a_tilde == 0))):
         out[f"mse_{name}"] = float(sq[where].mean())
         out[f"mse_{name}_mean_image"] = float(((x.mean(0, keepdim=True).expand_as(x) - x) ** 2)[where].mean())
+    # denoising where the network sees the pixels (Ã = 1), beside the clean model seeing every pixel
+    noise = torch.randn(x.shape, generator=g)
+    clean_den = load_model(clean_dir).denoiser
+    for sigma in (0.2, 1.0):
+        sig = torch.full((x.shape[0],), sigma)
+        with torch.no_grad():
+            d_amb = den(a_tilde * (x + sigma * noise), sig, a_tilde)
+            d_clean = clean_den(x + sigma * noise, sig)
+        seen = a_tilde == 1
+        out[f"mse_visible_s{sigma:g}"] = float(((d_amb - x) ** 2)[seen].mean())
+        out[f"mse_visible_s{sigma:g}_clean"] = float(((d_clean - x) ** 2)[seen].mean())
     return out
 
 
@@ -259,9 +271,12 @@ def write_docs(args, rows: list[dict], figure: list, meta: dict) -> None:
                   f"{args.num_ref} clean test images, masks drawn from each model's own training law; mean squared "
                   "error ([−1, 1] scale) in A's box and in the δ-box's pixels that A shows (the per-pixel mean of "
                   "the test images in brackets).", "",
-                  "| model | MSE in A's box | MSE in the δ-box |", "| --- | --- | --- |"]
+                  "| model | MSE in A's box | MSE in the δ-box | denoising MSE at seen pixels, σ = 0.2 / 1 (clean "
+                  "model) |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['method']} | {r['mse_a_hole']:.4f} ({r['mse_a_hole_mean_image']:.4f}) | "
-                  f"{r['mse_delta_hole']:.4f} ({r['mse_delta_hole_mean_image']:.4f}) |" for r in holes]
+                  f"{r['mse_delta_hole']:.4f} ({r['mse_delta_hole_mean_image']:.4f}) | {r['mse_visible_s0.2']:.4f} / "
+                  f"{r['mse_visible_s1']:.4f} ({r['mse_visible_s0.2_clean']:.4f} / {r['mse_visible_s1_clean']:.4f}) |"
+                  for r in holes]
     lines += ["", f"Figure: `docs/{fig}` (rows: clean data, observations, then samples of each model; seeds 0..11).",
               "", end]
     path = docs / "em_cases.md"
@@ -275,7 +290,8 @@ def write_docs(args, rows: list[dict], figure: list, meta: dict) -> None:
     kept = [r for r in read_rows(path_json) if not (r.get("table") == table and r.get("mode") == args.mode)]
     keep = ("method", "lap", "kimg", "fid", "kid", "kid_std", "swd", "train_s", "sample_s", "completions_kid",
             "hidden_psnr", "delta", "mse_a_hole", "mse_delta_hole", "mse_a_hole_mean_image",
-            "mse_delta_hole_mean_image")
+            "mse_delta_hole_mean_image", "mse_visible_s0.2", "mse_visible_s0.2_clean", "mse_visible_s1",
+            "mse_visible_s1_clean")
     new = [{"table": table, "mode": args.mode, "arch": "small", "num_samples": args.num_samples,
             "num_ref": args.num_ref, **{k: r.get(k) for k in keep}} for r in rows]
     atomic_write_text(path_json, json.dumps(kept + new, indent=1) + "\n")
@@ -320,9 +336,10 @@ def main(argv=None) -> None:
     if args.case == "box":
         for r in rows:
             if r["delta"] is not None:
-                r.update(box_hole_errors(dirs[r["method"]], r["delta"], args.num_ref))
+                r.update(box_hole_errors(dirs[r["method"]], dirs["clean"], r["delta"], args.num_ref))
                 log(f"{r['method']}: MSE in A's hole {r['mse_a_hole']:.4f}, in the δ-box {r['mse_delta_hole']:.4f} "
-                    f"(mean image: {r['mse_a_hole_mean_image']:.4f}, {r['mse_delta_hole_mean_image']:.4f})")
+                    f"(mean image: {r['mse_a_hole_mean_image']:.4f}, {r['mse_delta_hole_mean_image']:.4f}); "
+                    f"visible σ=0.2 {r['mse_visible_s0.2']:.4f} (clean model {r['mse_visible_s0.2_clean']:.4f})")
     init_train_s = next(r["train_s"] for r in rows if r["method"] == init_key)
     for method, init in [("em", None)] + ([] if args.no_init else [("em-init", dirs[init_key])]):
         cfg = em_config(args, root, em_kwargs, init)
