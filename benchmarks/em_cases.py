@@ -89,8 +89,8 @@ class Scorer:
                 "num_samples": int(u8.shape[0])}
 
 
-def train_stage(key: str, cfg: TrainConfig, root: Path) -> float:
-    done = root / key / "bench-train.json"
+def train_stage(key: str, cfg: TrainConfig) -> float:
+    done = Path(cfg.outdir) / "bench-train.json"
     if done.is_file() and json.loads(done.read_text())["kimg"] == cfg.kimg:
         return json.loads(done.read_text())["train_s"]
     log(f"{key}: training {cfg.kimg:g} kimg ({cfg.objective}, {cfg.corruption_pattern} p={cfg.corruption_probability:g}"
@@ -132,9 +132,11 @@ def box_setup(args, root: Path):
                                     **common)),
               ("naive", TrainConfig(outdir=str(root / "naive"), objective="naive", corruption_probability=BOX_P,
                                     **common))]
-    models += [(f"ambient-d{d:g}", TrainConfig(outdir=str(root / f"ambient-d{d:g}"), objective="ambient",
-                                               corruption_probability=BOX_P, delta_probability=d, **common))
-               for d in BOX_DELTAS]
+    models += [(f"ambient-d{d:g}{'-pixel' if w == 'pixel' else ''}",
+                TrainConfig(outdir=str(root / f"ambient-d{d:g}{'-pixel' if w == 'pixel' else ''}"),
+                            objective="ambient", corruption_probability=BOX_P, delta_probability=d,
+                            loss_weighting=w, **common))
+               for w in ("edm", "pixel") for d in BOX_DELTAS]
     em_kwargs = dict(data=validate.DATA, corruption_pattern="box", corruption_probability=BOX_P)
     ref = load_images(validate.TEST, max_size=args.num_ref)
     examples = [("clean data", load_images(validate.DATA, max_size=12)),
@@ -325,7 +327,7 @@ def main(argv=None) -> None:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows, dirs = [], {}
     for key, cfg in models:
-        train_s = train_stage(key, cfg, root)
+        train_s = train_stage(key, cfg)
         u8, sample_s = sample_stage(Path(cfg.outdir), args.num_samples, args.kimg)
         dirs[key] = cfg.outdir
         rows.append({"method": key, "kimg": args.kimg, "train_s": train_s, "sample_s": sample_s,

@@ -72,6 +72,7 @@ class Method:
     p: float
     delta: float
     normalize: str = "mean"  # the ambient loss's normalisation (ambient.loss.NORMALIZATIONS)
+    weighting: str = "edm"  # the ambient loss's weighting (ambient.loss.WEIGHTINGS)
 
     @property
     def objective(self) -> str:
@@ -80,7 +81,8 @@ class Method:
     @property
     def key(self) -> str:
         key = f"{self.name}-p{self.p:g}" + (f"-d{self.delta:g}" if self.objective == "ambient" else "")
-        return key + (f"-{self.normalize}" if self.objective == "ambient" and self.normalize != "mean" else "")
+        key += f"-{self.normalize}" if self.objective == "ambient" and self.normalize != "mean" else ""
+        return key + (f"-{self.weighting}" if self.objective == "ambient" and self.weighting != "edm" else "")
 
 
 def log(msg: str) -> None:
@@ -90,10 +92,10 @@ def log(msg: str) -> None:
 def methods_for(args) -> list[Method]:
     out = [Method("clean", 0.0, 0.0)]
     out += [Method("naive", p, 0.0) for p in args.naive_probs]
-    out += [Method("ambient", p, args.delta, args.loss_normalize) for p in args.probs]
+    out += [Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting) for p in args.probs]
     out.sort(key=lambda m: (m.name != "clean", m.p != 0.8))  # the central comparison (p = 0.8) first
     if args.with_delta0:
-        out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize))
+        out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize, args.loss_weighting))
     if args.methods:
         unknown = set(args.methods) - {m.key for m in out}
         if unknown:
@@ -113,7 +115,8 @@ def train_stage(m: Method, args, root: Path) -> dict:
             log(f"{m.key}: training done before ({rec['train_s'] / 60:.1f} min), reused")
             return rec
     cfg = TrainConfig(data=DATA, outdir=str(outdir), corruption_probability=m.p, delta_probability=m.delta,
-                      objective=m.objective, loss_normalize=m.normalize, arch=args.arch, batch=args.batch,
+                      objective=m.objective, loss_normalize=m.normalize, loss_weighting=m.weighting,
+                      arch=args.arch, batch=args.batch,
                       lr=args.lr, lr_warmup_kimg=1.0,
                       kimg=args.kimg, ema=max(args.kimg / 16, 0.1), snapshot_kimg=max(args.kimg / 4, 0.5),
                       tick_kimg=max(args.kimg / 50, 0.1), grid_samples=16, seed=args.seed)
@@ -199,6 +202,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--loss-normalize", choices=("mean", "sum"), default="mean",
                     help="normalisation of the ambient loss (ambient models only)")
+    ap.add_argument("--loss-weighting", choices=("edm", "pixel"), default="edm",
+                    help="weighting of the ambient loss (ambient models only; ambient.loss)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train and score only these model keys (e.g. ambient-p0.8-d0.1 clean-p0)")
     ap.add_argument("--seed", type=int, default=0)
@@ -236,7 +241,7 @@ def figure_rows(args, samples: dict) -> list:
     out = [("clean data", corrupted_examples(0.0, 0.0, 12, args.seed))]
     for p in args.probs:
         out.append((f"corrupted p={p:g}", corrupted_examples(p, args.delta, 12, args.seed)))
-        for m in (Method("naive", p, 0.0), Method("ambient", p, args.delta, args.loss_normalize)):
+        for m in (Method("naive", p, 0.0), Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting)):
             if m.key in samples:
                 out.append((f"{m.name} p={p:g}", samples[m.key][:12]))
     if Method("clean", 0.0, 0.0).key in samples:
@@ -277,13 +282,14 @@ def main(argv=None) -> None:
     floor = load_images(TEST, max_size=args.num_ref + args.num_samples)[args.num_ref:]
     rows.append({**base, "table": "reference", "method": "real-test", "p": 0.0, "delta": 0.0, "kimg": None,
                  "num_masks": None, "steps": None, "train_s": 0.0, "sample_s": 0.0, **scorer.score(floor)})
-    ablated = Method("ambient", 0.8, args.delta, args.loss_normalize)
+    ablated = Method("ambient", 0.8, args.delta, args.loss_normalize, args.loss_weighting)
     for m in methods:  # one model at a time, docs rewritten after each, so a stopped run leaves usable docs
         timing[m.key] = train_stage(m, args, root)
         u8, sec = sample_stage(m, root, args.kimg, args.num_samples, 1, 18)
         samples[m.key] = u8
         rows.append({**base, "table": "main", "method": m.name, "p": m.p, "delta": m.delta, "num_masks": 1,
                      "loss_normalize": m.normalize if m.objective == "ambient" else None,
+                     "loss_weighting": m.weighting if m.objective == "ambient" else None,
                      "steps": 18, "train_s": timing[m.key]["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: FID {rows[-1]['fid']:.1f}  KID {rows[-1]['kid']:.4f}  SWD {rows[-1]['swd']:.4f}  "
             f"memorised {rows[-1]['memorized_share']:.3f}")

@@ -214,3 +214,36 @@ def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
     assert torch.equal(e.mask, torch.ones_like(y)) and torch.equal(e.mask_hat, e.mask)
     part = d1[1:3]
     assert torch.equal(part.noise, d1.noise[1:3]) and torch.equal(part.mask_hat, d1.mask_hat[1:3])
+
+
+@pytest.mark.parametrize("weighting", ["edm", "pixel"])
+def test_weightings_keep_unobserved_pixels_out_and_the_closed_form_optimum_best(weighting):
+    opt, x0, a, a_hat = _gaussian_setup()
+    n = x0.shape[0]
+    sigma = AmbientLoss().sample_sigma(n, gen(10)).clamp(0.05, 5.0)
+    noise = torch.randn(x0.shape, generator=gen(11))
+    loss_fn = AmbientLoss(weighting=weighting)
+    garbage = torch.where(a.bool(), x0, torch.randn(x0.shape, generator=gen(13)) * 10)
+    best = loss_fn(opt, a * x0, a, a_hat, sigma=sigma, noise=noise).mean()
+    assert torch.equal(best, loss_fn(opt, garbage, a, a_hat, sigma=sigma, noise=noise).mean())
+    worse = loss_fn(lambda x, s, m: opt(x, s, m) * 1.1, a * x0, a, a_hat, sigma=sigma, noise=noise).mean()
+    assert worse > best
+
+
+def test_pixel_weighting_gives_hidden_graded_pixels_one_over_sigma_data_squared():
+    y = torch.zeros(2, 1, 2, 2)
+    a = torch.tensor([[1.0, 1.0], [1.0, 0.0]]).expand(2, 1, 2, 2).contiguous()
+    a_hat = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 1, 2, 2).contiguous()
+    sigma = torch.tensor([0.01, 2.0])
+    const = lambda x, s, m: torch.ones_like(x)  # noqa: E731 - error 1 on every pixel
+    sd = 0.5
+    w = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    edm = AmbientLoss(weighting="edm", normalize="sum")(const, y, a, a_hat, sigma=sigma, noise=torch.zeros_like(y))
+    pix = AmbientLoss(weighting="pixel", normalize="sum")(const, y, a, a_hat, sigma=sigma, noise=torch.zeros_like(y))
+    torch.testing.assert_close(edm, 3 * w)  # three graded pixels, each w(σ)
+    torch.testing.assert_close(pix, 2 * w + 1 / sd**2)  # two seen ones w(σ), the hidden graded one 1/σ_d²
+    # with Ã = A nothing graded is hidden: both weightings agree
+    torch.testing.assert_close(AmbientLoss(weighting="pixel")(const, y, a, a, sigma=sigma, noise=torch.zeros_like(y)),
+                               AmbientLoss(weighting="edm")(const, y, a, a, sigma=sigma, noise=torch.zeros_like(y)))
+    with pytest.raises(ValueError, match="weighting"):
+        AmbientLoss(weighting="other")

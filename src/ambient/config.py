@@ -13,7 +13,7 @@ from ambient.backbones import PRESETS
 from ambient.corruption import PATTERNS, Corruption
 from ambient.ddpmpp import SONG_PRESETS
 from ambient.errors import AmbientInputError
-from ambient.loss import NORMALIZATIONS
+from ambient.loss import NORMALIZATIONS, WEIGHTINGS
 from ambient.loss import OBJECTIVES as _LOSSES
 
 OBJECTIVES = tuple(_LOSSES)  # the loss objects' names (ambient.loss.training_loss)
@@ -73,6 +73,7 @@ class TrainConfig:
     mask_aware: bool = True
     cond: bool = False
     loss_normalize: str = "mean"
+    loss_weighting: str = "edm"  # "pixel": 1/σ_d² on graded pixels Ã hides (ambient.loss)
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0
@@ -115,10 +116,12 @@ class TrainConfig:
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
                 bad(name, f"must be in [0, 1), got {v!r}")
         choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
-                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS}
+                   "loss_normalize": NORMALIZATIONS, "loss_weighting": WEIGHTINGS, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.loss_weighting == "pixel" and not self.mask_aware:
+            bad("loss_weighting", "pixel weighting matches the mask-aware scalings; it needs --mask-aware")
         positive = ("batch", "lr", "kimg", "snapshot_kimg", "tick_kimg", "max_nonfinite")
         for name in positive:
             v = getattr(self, name)

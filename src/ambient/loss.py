@@ -4,6 +4,15 @@ For each image: σ ~ exp(N(P_mean, P_std²)), n ~ N(0, I),
 
     loss = w(σ) · ‖A ⊙ (D(Ã ⊙ (y + σ n); σ, Ã) − y)‖²,   w(σ) = (σ² + σ_d²) / (σ σ_d)².
 
+Weighting ``edm`` (the paper's, the default) uses w(σ) on every graded pixel. EDM chose w(σ) =
+1/c_out(σ)² so that the network's own output F has a unit-variance target at every σ. Under the
+mask-aware scalings (:mod:`ambient.denoiser`) a pixel hidden by Ã has c_out = σ_d, so there the
+same principle asks for 1/σ_d²; w(σ) instead weighs the hidden pixels' irreducible error
+(σ_d² + σ²)/σ² times more, 10⁴–10⁵× at the smallest σ, and their noise drowns the learning
+signal of the seen pixels. Weighting ``pixel`` uses w(σ) where Ã = 1 and 1/σ_d² where Ã = 0 (and
+A = 1). A positive weight that depends only on (σ, Ã) does not move the minimiser: each pixel's
+optimum is still E[x0 | Ã ⊙ x_σ, Ã].
+
 Only pixels observed under A are graded, and y is only known there, so no clean pixel enters
 the loss. Normalisation: ``mean`` divides by the number of pixels observed under A (the
 gradient scale does not shrink as p grows); ``sum`` is the paper's plain sum. With A = Ã = 1
@@ -29,6 +38,7 @@ from ambient.corruption import Corruption, check_mask
 from ambient.data import augment_batch
 
 NORMALIZATIONS = ("mean", "sum")
+WEIGHTINGS = ("edm", "pixel")
 
 
 def check_loss_inputs(y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor) -> None:
@@ -79,9 +89,12 @@ class AmbientLoss:
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  normalize: str = "mean", *, further: Corruption | None = None, fixed_further: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, weighting: str = "edm"):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         if P_std <= 0 or sigma_data <= 0:
             raise ValueError("P_std and sigma_data must be positive")
         self.P_mean, self.P_std = float(P_mean), float(P_std)
@@ -113,10 +126,13 @@ class AmbientLoss:
         x_noisy = mask_hat * (y + sigma.reshape(n, 1, 1, 1) * noise)
         denoised = denoiser(x_noisy, sigma, mask_hat)
         err = (mask * (denoised.to(y.dtype) - y)) ** 2
-        per_image = err.flatten(1).sum(dim=1)
+        w = self.weight(sigma).reshape(n, 1, 1, 1)
+        if self.weighting == "pixel":  # 1/σ_d² where the network does not see the pixel (c_out = σ_d there)
+            w = torch.where(mask_hat > 0, w, torch.full_like(w, self.sigma_data ** -2))
+        per_image = (w * err).flatten(1).sum(dim=1)
         if self.normalize == "mean":
             per_image = per_image / mask.flatten(1).sum(dim=1).clamp_min(1.0)
-        return self.weight(sigma) * per_image
+        return per_image
 
     def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
              augment: float = 0.0) -> LossInputs:
@@ -169,10 +185,11 @@ OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
 
 
 def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
-                  further: Corruption | None = None, fixed_further: bool = False, seed: int = 0) -> AmbientLoss:
+                  further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
+                  weighting: str = "edm") -> AmbientLoss:
     """The loss object of a training objective (``ambient`` or ``naive``); the only place that
     looks at the objective's name."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
-                                 fixed_further=fixed_further, seed=seed)
+                                 fixed_further=fixed_further, seed=seed, weighting=weighting)

@@ -157,7 +157,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     cfg, data, law = _load_data_with_law(cfg, source)
     model_cfg = model_config_for(cfg, data)
     loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
-                            further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed)
+                            further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed,
+                            weighting=cfg.loss_weighting)
     if env.rank == 0 and data.has_data_masks and data.channels > 1 and loss_fn.mask_input:
         log(f"mask law: {law}")
     unlearnt = unlearnt_hole(cfg, data)

@@ -6,7 +6,7 @@ import click
 
 from ambient.config import ARCHS, OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
 from ambient.corruption import PATTERNS
-from ambient.loss import NORMALIZATIONS
+from ambient.loss import NORMALIZATIONS, WEIGHTINGS
 
 _D = TrainConfig()
 
@@ -38,6 +38,9 @@ TRAIN_OPTIONS = [
     ("dropout", float, "Dropout probability in the backbone."),
     ("augment", float, "Probability of an x-flip per image (image, A and Ã flip together)."),
     ("loss_normalize", click.Choice(NORMALIZATIONS), "mean over observed pixels, or the paper's plain sum."),
+    ("loss_weighting", click.Choice(WEIGHTINGS), "edm: the paper's w(σ) on every graded pixel; pixel: 1/σ_d² on the "
+                                                 "graded pixels Ã hides (matches the mask-aware scalings; see "
+                                                 "docs/em_cases.md)."),
     ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
     ("cond", bool, "Class-conditional (labels from the data; needs a ddpmpp-* --arch); sample with --class."),
     ("seed", int, "Seed of masks, data order and noise."),
