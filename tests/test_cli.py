@@ -241,3 +241,13 @@ def test_box_law_that_cannot_teach_as_box_is_named_in_dry_run_and_training_log(t
     code, _, err = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--kimg", "0.016", *box,
                         "--delta-probability", "0.25", *TINY], capsys)
     assert code == 0 and "warning: box masks" in err
+
+
+def test_pixel_loss_weighting_needs_the_mask_aware_scalings(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=4)
+    code, _, err = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--corruption-probability",
+                        "0.5", "--loss-weighting", "pixel", "--no-mask-aware", *TINY], capsys)
+    assert code == 2 and "--loss-weighting" in err and not (tmp_path / "r").exists()
+    code, stdout, _ = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--corruption-probability",
+                           "0.5", "--loss-weighting", "pixel", "--dry-run"], capsys)
+    assert code == 0 and json.loads(stdout)["loss_weighting"] == "pixel"
