@@ -198,7 +198,9 @@ def rgb_setup(args, root: Path):
               ("naive", TrainConfig(data=str(paths["obs"]), outdir=str(data_root / "naive"), objective="naive",
                                     **common)),
               ("ambient", TrainConfig(data=str(paths["obs"]), outdir=str(data_root / "ambient-per-pixel"),
-                                      objective="ambient", **common))]
+                                      objective="ambient", loss_weighting="edm", **common)),
+              ("ambient-pixel", TrainConfig(data=str(paths["obs"]), outdir=str(root / "ambient-pixel"),
+                                            objective="ambient", loss_weighting="pixel", **common))]
     with np.load(paths["test"]) as f:
         ref = torch.from_numpy(f["images"][:args.num_ref]).permute(0, 3, 1, 2).contiguous()
     with np.load(paths["clean"]) as f:

@@ -251,3 +251,28 @@ def test_pixel_loss_weighting_needs_the_mask_aware_scalings(tmp_path, capsys):
     code, stdout, _ = run(["train", "--data", str(root), "--outdir", str(tmp_path / "r"), "--corruption-probability",
                            "0.5", "--loss-weighting", "pixel", "--dry-run"], capsys)
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "pixel"
+
+
+def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=4)
+    out = tmp_path / "r"
+    base = ["train", "--data", str(root), "--outdir", str(out), "--corruption-probability", "0.5", *TINY]
+    code, _, err = run([*base, "--kimg", "0.016"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["loss_weighting"] == "pixel"
+    code, stdout, _ = run([*base, "--no-mask-aware", "--outdir", str(tmp_path / "d"), "--dry-run"], capsys)
+    assert code == 0 and json.loads(stdout)["loss_weighting"] == "edm"
+    for cfg_path in [out / "config.json", *out.glob("snapshot-*/config.json")]:  # as an older version wrote it
+        saved = json.loads(cfg_path.read_text())
+        del saved["train"]["loss_weighting"]
+        cfg_path.write_text(json.dumps(saved))
+        done = cfg_path.parent / "COMPLETE"
+        if done.is_file():  # the snapshot's manifest records each file's size
+            manifest = json.loads(done.read_text())
+            manifest["files"]["config.json"] = cfg_path.stat().st_size
+            done.write_text(json.dumps(manifest))
+    code, _, err = run([*base, "--kimg", "0.032", "--loss-weighting", "pixel"], capsys)
+    assert code == 2 and "--loss-weighting is 'pixel'" in err and "'edm'" in err
+    code, _, err = run([*base, "--kimg", "0.032"], capsys)  # the default keeps the old run's weighting
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["loss_weighting"] == "edm"

@@ -73,7 +73,7 @@ class TrainConfig:
     mask_aware: bool = True
     cond: bool = False
     loss_normalize: str = "mean"
-    loss_weighting: str = "edm"  # "pixel": 1/σ_d² on graded pixels Ã hides (ambient.loss)
+    loss_weighting: str | None = None  # None: "pixel" with mask-aware scalings (a resumed run keeps its own)
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0
@@ -116,10 +116,12 @@ class TrainConfig:
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
                 bad(name, f"must be in [0, 1), got {v!r}")
         choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
-                   "loss_normalize": NORMALIZATIONS, "loss_weighting": WEIGHTINGS, "precision": PRECISIONS}
+                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.loss_weighting not in (None, *WEIGHTINGS):
+            bad("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.loss_weighting == "pixel" and not self.mask_aware:
             bad("loss_weighting", "pixel weighting matches the mask-aware scalings; it needs --mask-aware")
         positive = ("batch", "lr", "kimg", "snapshot_kimg", "tick_kimg", "max_nonfinite")

@@ -97,12 +97,30 @@ def _load_data_with_law(cfg: TrainConfig, source: Path | None) -> tuple[TrainCon
     return replace(cfg, mask_full_rgb=full_rgb), data, why
 
 
+def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfig:
+    """The flag if given; else a resumed run's own weighting (runs from before the option: ``edm``);
+    else ``pixel`` with the mask-aware scalings and ``edm`` without (see :mod:`ambient.loss`)."""
+    if cfg.loss_weighting is not None:
+        return cfg
+    if source is not None:
+        try:
+            saved = json.loads((source / "config.json").read_text()).get("train", {})
+        except (OSError, ValueError, AttributeError):
+            saved = {}  # load_snapshot reports a broken snapshot with its own message
+        if saved:
+            return replace(cfg, loss_weighting=saved.get("loss_weighting") or "edm")
+    return replace(cfg, loss_weighting="pixel" if cfg.mask_aware else "edm")
+
+
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:
     old_shape, new_shape = saved.get("data", {}).get("shape"), run_config["data"]["shape"]
     if old_shape is not None and list(old_shape) != list(new_shape):
         raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
                                 f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
-    check_resume_compatible(saved.get("train", {}), cfg.to_dict(), RESUMABLE_CHANGES, source)
+    old = saved.get("train", {})
+    if old and "loss_weighting" not in old:  # runs from before the option used the paper's weighting
+        old = {**old, "loss_weighting": "edm"}
+    check_resume_compatible(old, cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
 def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict, source: Path | None, device,
@@ -154,6 +172,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     env = dist_utils.init_from_env(cfg.device)
     device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
     source = _resume_source(cfg, outdir)
+    cfg = _resolve_loss_weighting(cfg, source)
     cfg, data, law = _load_data_with_law(cfg, source)
     model_cfg = model_config_for(cfg, data)
     loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
@@ -263,7 +282,8 @@ def dry_run(cfg: TrainConfig) -> str:
     outdir = Path(cfg.outdir)
     unlearnt = None
     try:
-        cfg, data, law = _load_data_with_law(cfg, _resume_source(cfg, outdir))
+        source = _resume_source(cfg, outdir)
+        cfg, data, law = _load_data_with_law(_resolve_loss_weighting(cfg, source), source)
         unlearnt = unlearnt_hole(cfg, data)
     except AmbientInputError as exc:
         why = " ".join(str(exc).split())
