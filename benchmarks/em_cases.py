@@ -2,11 +2,13 @@
 
 ``--case box``: Fashion-MNIST, one 14×14 box hidden per image (``--corruption-pattern box``, p = 0.5).
 Ambient is trained with the further box δ = 0.2 (smaller than A's box) and δ = 0.5 (the same size
-as A's box); see docs/em_cases.md for why the second one is the one the method's theory asks for.
+as A's box), each with the paper's loss weighting (``edm``) and with ``pixel``; see docs/em_cases.md
+for why δ = p is the one the method's theory asks for and why the weighting matters.
 
 ``--case rgb``: the colour Fashion-MNIST of benchmarks/mask_law_rgb.py (32×32 RGB, 20 % of the pixels
 observed, one mask per pixel given with the data, garbage in the hidden pixels). Its clean, naive and
-ambient (per-pixel law) models are reused from that benchmark's run folder when present.
+ambient (per-pixel law, ``edm`` weighting) models are reused from that benchmark's run folder when present;
+``ambient-pixel`` is trained here with the ``pixel`` weighting.
 
 Every model: the ``small`` backbone, batch 32, lr 0.002, seed 0, the same images seen. EM: a Gaussian lap 0,
 then MMPS E-steps; ``em-init`` starts lap 0 from the ambient model's posterior mean plus the Gaussian's

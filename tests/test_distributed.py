@@ -69,7 +69,9 @@ def runs(tmp_path_factory):
     return root, npz
 
 
-def assert_same_snapshot(a_dir, b_dir, atol=2e-6):
+def assert_same_snapshot(a_dir, b_dir, atol=1e-5):
+    # float sums in another order (all-reduce vs one process); Adam's first steps, ~lr·g/|g|, turn such
+    # differences on near-zero gradients into up to ~1e-5 (seen with the pixel loss weighting: 7.6e-6)
     a, b = load_snapshot(a_dir), load_snapshot(b_dir)
     assert a.extra_state["nimg"] == b.extra_state["nimg"]
     for key in a.model:
