@@ -50,6 +50,7 @@ from ambient.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mask_law_rgb  # noqa: E402
 import validate  # noqa: E402
+from em import hidden_psnr  # noqa: E402
 from validate_report import read_rows, write_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,13 +116,6 @@ def sample_stage(model_dir: Path, n: int, kimg: float, name: str = "bench-sample
     seconds = time.perf_counter() - t0
     atomic_save_npz(path, images=u8.numpy(), kimg=np.array(kimg), seconds=np.array(seconds))
     return u8, seconds
-
-
-def hidden_psnr(done: torch.Tensor, clean: torch.Tensor, masks: torch.Tensor) -> float:
-    """PSNR (peak-to-peak 2 in [-1, 1]) of uint8 completions against uint8 clean images on the hidden pixels."""
-    err = (done.float() - clean.float()) / 127.5
-    mse = float((err[masks == 0] ** 2).mean())
-    return 10 * np.log10(4.0 / max(mse, 1e-12))
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -239,7 +233,7 @@ def em_rows(args, cfg: EMConfig, scorer: Scorer, clean: torch.Tensor, method: st
         rows.append({"method": method, "lap": lap, "kimg": round((lap + 1) * cfg.lap_kimg, 4), "train_s": elapsed,
                      "sample_s": sample_s, "estep_s": s["estep_seconds"], "mstep_s": s["mstep_seconds"],
                      "completions_kid": comp["kid"], "completions_kid_std": comp["kid_std"],
-                     "hidden_psnr": hidden_psnr(done, clean[index], masks[index]), **scorer.score(u8)})
+                     "hidden_psnr": hidden_psnr(done, index, clean, masks), **scorer.score(u8)})
         last = u8
         log(f"{method} lap {lap}: KID×10³ {1e3 * rows[-1]['kid']:.1f}  completions KID×10³ "
             f"{1e3 * comp['kid']:.1f}  hidden PSNR {rows[-1]['hidden_psnr']:.2f} dB")

@@ -4,14 +4,14 @@ For each image: σ ~ exp(N(P_mean, P_std²)), n ~ N(0, I),
 
     loss = w(σ) · ‖A ⊙ (D(Ã ⊙ (y + σ n); σ, Ã) − y)‖²,   w(σ) = (σ² + σ_d²) / (σ σ_d)².
 
-Weighting ``edm`` (the paper's, the default) uses w(σ) on every graded pixel. EDM chose w(σ) =
+Weighting ``edm`` (the paper's; :class:`AmbientLoss`'s default) uses w(σ) on every graded pixel. EDM chose w(σ) =
 1/c_out(σ)² so that the network's own output F has a unit-variance target at every σ. Under the
 mask-aware scalings (:mod:`ambient.denoiser`) a pixel hidden by Ã has c_out = σ_d, so there the
 same principle asks for 1/σ_d²; w(σ) instead weighs the hidden pixels' irreducible error
 (σ_d² + σ²)/σ² times more, 10⁴–10⁵× at the smallest σ, and their noise drowns the learning
 signal of the seen pixels. Weighting ``pixel`` uses w(σ) where Ã = 1 and 1/σ_d² where Ã = 0 (and
-A = 1). A positive weight that depends only on (σ, Ã) does not move the minimiser: each pixel's
-optimum is still E[x0 | Ã ⊙ x_σ, Ã].
+A = 1); ``ambient train`` uses it by default with the mask-aware scalings. A positive weight that
+depends only on (σ, Ã) does not move the minimiser: each pixel's optimum is still E[x0 | Ã ⊙ x_σ, Ã].
 
 Only pixels observed under A are graded, and y is only known there, so no clean pixel enters
 the loss. Normalisation: ``mean`` divides by the number of pixels observed under A (the
@@ -126,13 +126,13 @@ class AmbientLoss:
         x_noisy = mask_hat * (y + sigma.reshape(n, 1, 1, 1) * noise)
         denoised = denoiser(x_noisy, sigma, mask_hat)
         err = (mask * (denoised.to(y.dtype) - y)) ** 2
-        w = self.weight(sigma).reshape(n, 1, 1, 1)
-        if self.weighting == "pixel":  # 1/σ_d² where the network does not see the pixel (c_out = σ_d there)
-            w = torch.where(mask_hat > 0, w, torch.full_like(w, self.sigma_data ** -2))
-        per_image = (w * err).flatten(1).sum(dim=1)
+        pixel = self.weighting == "pixel"
+        if pixel:  # w(σ) where the network sees the pixel, 1/σ_d² where not (c_out = σ_d there)
+            err = torch.where(mask_hat > 0, self.weight(sigma).reshape(n, 1, 1, 1), self.sigma_data ** -2) * err
+        per_image = err.flatten(1).sum(dim=1)
         if self.normalize == "mean":
             per_image = per_image / mask.flatten(1).sum(dim=1).clamp_min(1.0)
-        return per_image
+        return per_image if pixel else self.weight(sigma) * per_image
 
     def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
              augment: float = 0.0) -> LossInputs:

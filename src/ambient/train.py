@@ -73,14 +73,25 @@ def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
     return resume_source(outdir, cfg.resume)  # --resume: None (latest if any), "latest" (required) or a path
 
 
+def _saved_train(source: Path | None) -> dict:
+    """The ``train`` section of the run to be resumed ({} when none), with what runs from before an
+    option used filled in (``loss_weighting``: the paper's ``edm``)."""
+    if source is None:
+        return {}
+    try:
+        saved = json.loads((source / "config.json").read_text()).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # load_snapshot reports a broken snapshot with its own message
+    return _with_legacy_defaults(saved) if isinstance(saved, dict) else {}
+
+
+def _with_legacy_defaults(train: dict) -> dict:
+    return {**train, "loss_weighting": train.get("loss_weighting") or "edm"} if train else train
+
+
 def _saved_mask_full_rgb(source: Path | None) -> bool | None:
     """The mask law a run to be resumed was trained with (None: no such run)."""
-    if source is None:
-        return None
-    try:
-        value = json.loads((source / "config.json").read_text()).get("train", {}).get("mask_full_rgb")
-    except (OSError, ValueError, AttributeError):
-        return None  # load_snapshot reports a broken snapshot with its own message
+    value = _saved_train(source).get("mask_full_rgb")
     return value if isinstance(value, bool) else None
 
 
@@ -102,13 +113,9 @@ def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfi
     else ``pixel`` with the mask-aware scalings and ``edm`` without (see :mod:`ambient.loss`)."""
     if cfg.loss_weighting is not None:
         return cfg
-    if source is not None:
-        try:
-            saved = json.loads((source / "config.json").read_text()).get("train", {})
-        except (OSError, ValueError, AttributeError):
-            saved = {}  # load_snapshot reports a broken snapshot with its own message
-        if saved:
-            return replace(cfg, loss_weighting=saved.get("loss_weighting") or "edm")
+    saved = _saved_train(source)
+    if saved:
+        return replace(cfg, loss_weighting=saved["loss_weighting"])
     return replace(cfg, loss_weighting="pixel" if cfg.mask_aware else "edm")
 
 
@@ -117,10 +124,7 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, so
     if old_shape is not None and list(old_shape) != list(new_shape):
         raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
                                 f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
-    old = saved.get("train", {})
-    if old and "loss_weighting" not in old:  # runs from before the option used the paper's weighting
-        old = {**old, "loss_weighting": "edm"}
-    check_resume_compatible(old, cfg.to_dict(), RESUMABLE_CHANGES, source)
+    check_resume_compatible(_with_legacy_defaults(saved.get("train", {})), cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
 def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict, source: Path | None, device,
