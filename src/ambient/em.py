@@ -38,6 +38,7 @@ from ambient.data import ImageDataset, load_dataset
 from ambient.em_gaussian import NOISES, GaussianPrior, fit_gaussian
 from ambient.em_steps import ambient_mean, fingerprint, mmps_samples, read_npz, subset, to_hwc
 from ambient.errors import AmbientInputError
+from ambient.folders import EM_RUN, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl
 from ambient.model import MODEL_POINTER, load_model
 
@@ -139,6 +140,7 @@ class EMRun:
     def __init__(self, cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool = False):
         self.cfg = cfg.validate()
         self.root = Path(cfg.outdir)
+        claim_outdir(self.root, EM_RUN, command="ambient em")
         self.log = log
         self.progress = progress
         data = load_observations(cfg)
@@ -195,9 +197,7 @@ class EMRun:
 
     def _check_resume(self) -> None:
         path = self.root / "em_config.json"
-        if not path.is_file():
-            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
-                raise AmbientInputError(f"--outdir {self.root}: exists, is not empty and holds no EM run")
+        if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
             return
         saved = read_json(path)
         old, meta = saved.get("em", {}), saved.get("data", {})
@@ -217,7 +217,8 @@ class EMRun:
         from ambient.outdir import check_writable
 
         check_writable(self.root)
-        atomic_write_json(self.root / "em_config.json", {"em": self.cfg.to_dict(), "data": self.meta})
+        atomic_write_json(self.root / "em_config.json",
+                          stamped({"em": self.cfg.to_dict(), "data": self.meta}, EM_RUN))
         done = {row["lap"] for row in self.finished_laps()}
         for lap in range(self.cfg.laps):
             if lap in done:

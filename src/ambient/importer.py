@@ -28,6 +28,7 @@ import torch
 from ambient import safe_pickle
 from ambient.corruption import PATTERNS, Corruption
 from ambient.errors import AmbientInputError
+from ambient.folders import IMPORTED_MODEL, describe, folder_kind, stamped
 from ambient.songunet import SongUNetConfig
 from ambient.statedict import load_state_dict_strict
 
@@ -175,7 +176,9 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
 
     out = Path(out)
     if out.exists():
-        raise AmbientInputError(f"--out {out}: already exists; choose a new folder")
+        what = f" (it is {describe(folder_kind(out))})" if out.is_dir() and folder_kind(out) else ""
+        raise AmbientInputError(f"--out {out}: already exists{what}; ambient import writes only a new folder; "
+                                "choose another --out")
     options, top = {}, {}
     if training_options is not None:
         try:
@@ -209,4 +212,5 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
                            "dataset_kwargs": _jsonable(ckpt["dataset_kwargs"]),
                            "corruption_overrides": _jsonable(corruption or {}),
                            "network_kwargs": _jsonable({**ckpt["init_kwargs"], **options})}}
-    return save_snapshot(out, config=config, model={k: v.contiguous() for k, v in den.state_dict().items()})
+    weights = {k: v.contiguous() for k, v in den.state_dict().items()}
+    return save_snapshot(out, config=stamped(config, IMPORTED_MODEL), model=weights)

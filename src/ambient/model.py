@@ -21,6 +21,7 @@ from ambient.config import dataclass_from_dict
 from ambient.corruption import Corruption
 from ambient.denoiser import Denoiser
 from ambient.errors import AmbientInputError
+from ambient.folders import EM_RUN, FINETUNE_RUN, describe, folder_kind_why
 from ambient.io import read_json
 from ambient.statedict import load_state_dict_strict
 
@@ -126,9 +127,20 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         if not isinstance(target, str) or not (p / target).is_dir():
             raise AmbientInputError(f"--model {p}: {pointer.name} names no model folder ({target!r})")
         return resolve_model_dir(p / target)
+    kind, why = folder_kind_why(p) if p.is_dir() else (None, "")
+    if kind == EM_RUN:
+        raise AmbientInputError(f"--model {p}: is an em run with no finished lap yet (no {MODEL_POINTER}); "
+                                "run ambient em until a lap finishes, or give a lap-XX folder")
+    if kind == FINETUNE_RUN and _is_finetune_export(p):
+        raise AmbientInputError(f"--model {p}: is a finetune run (a diffusers model), not an ambient training "
+                                "run or snapshot")
+    if kind == FINETUNE_RUN:
+        raise AmbientInputError(f"--model {p}: is a finetune run that has not finished (no exported model); "
+                                "run the same ambient finetune again to finish it")
     latest = latest_snapshot(p) if p.is_dir() else None
     if latest is None:
-        raise AmbientInputError(f"--model {p}: not a model (no snapshot-* folder and no model.safetensors)")
+        what = f"is {describe(kind)} ({why}), not a model" if kind else "not a model"
+        raise AmbientInputError(f"--model {p}: {what} (no snapshot-* folder and no model.safetensors)")
     return latest
 
 

@@ -24,10 +24,11 @@ import torch
 from ambient import distributed as dist_utils
 from ambient.checkpoint import load_snapshot, save_snapshot, snapshot_name
 from ambient.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
-from ambient.config import RESUMABLE_CHANGES, TrainConfig
+from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.corruption import Corruption, mix_seed
 from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
+from ambient.folders import TRAIN_RUN, TRAIN_SNAPSHOT, check_readable_as, claim_outdir, stamped
 from ambient.io import atomic_write_json
 from ambient.loss import training_loss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
@@ -70,6 +71,10 @@ def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
 
 
 def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
+    claim_outdir(outdir, TRAIN_RUN, command="ambient train")
+    if cfg.resume not in (None, RESUME_LATEST, "none"):
+        check_readable_as(cfg.resume, (TRAIN_RUN, TRAIN_SNAPSHOT), flag="--resume",
+                          what="a train run or one of its snapshots")
     return resume_source(outdir, cfg.resume)  # --resume: None (latest if any), "latest" (required) or a path
 
 
@@ -204,7 +209,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     logger = RunLogger(outdir, enabled=env.rank == 0, progress=progress, total_nimg=int(cfg.kimg * 1000),
                        start_nimg=state.nimg)
     if env.rank == 0:
-        atomic_write_json(outdir / "config.json", run_config)
+        atomic_write_json(outdir / "config.json", stamped(run_config, TRAIN_RUN))
     order = EpochOrder(len(data), cfg.seed)
     total = int(round(cfg.kimg * 1000))
     per_rank = cfg.batch // env.world_size
@@ -221,7 +226,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
         if env.rank != 0:
             return
         started = time.perf_counter()
-        snap_dir = save_snapshot(outdir / snapshot_name(state.step), config=run_config, model=net.state_dict(),
+        snap_dir = save_snapshot(outdir / snapshot_name(state.step), config=stamped(run_config, TRAIN_SNAPSHOT),
+                                 model=net.state_dict(),
                                  ema=ema.state_dict(), optimizer=opt.state_dict(), extra_state=vars(state).copy())
         if cfg.grid_samples:
             grid_den = ema if not model_cfg.label_dim else LabelledDenoiser(  # classes 0, 1, … in turn
@@ -284,6 +290,7 @@ def dry_run(cfg: TrainConfig) -> str:
     """
     cfg.validate()
     outdir = Path(cfg.outdir)
+    claim_outdir(outdir, TRAIN_RUN, command="ambient train")  # a folder of another kind: refused here too
     unlearnt = None
     try:
         source = _resume_source(cfg, outdir)

@@ -38,6 +38,7 @@ from ambient.finetune.pretrained import (
     load_pretrained,
     unet_class,
 )
+from ambient.folders import FINETUNE_RUN, FINETUNE_SNAPSHOT, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_write_json
 from ambient.statedict import load_state_dict_strict
 from ambient.training import (
@@ -147,6 +148,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
     config.validate()
     log = log or (lambda _msg: None)
     outdir = Path(config.outdir)
+    claim_outdir(outdir, FINETUNE_RUN, command="ambient finetune")
     device = resolve_device(config.device)
     config, ds, net, scheduler, ema, opt, snap = _build_or_resume(config, outdir, device, log)
     start = int(snap.extra_state["step"]) if snap is not None else 0
@@ -157,11 +159,11 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
     guard = NonFiniteGuard(MAX_NONFINITE, int(saved.get("skipped", 0)), int(saved.get("consecutive_skipped", 0)))
     params = list(net.unet.parameters())
     outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(outdir / "finetune_options.json", config.to_dict())
-    snap_config = {"kind": "finetune-snapshot", "finetune": config.to_dict(),
-                   "unet_class": type(net.unet).__name__, "unet_config": dict(net.unet.config),
-                   "scheduler_config": dict(scheduler.config), "img_channels": net.img_channels,
-                   "sampling": _sampling_section(config, ds)}
+    atomic_write_json(outdir / "finetune_options.json", stamped(config.to_dict(), FINETUNE_RUN))
+    snap_config = stamped({"finetune": config.to_dict(),
+                           "unet_class": type(net.unet).__name__, "unet_config": dict(net.unet.config),
+                           "scheduler_config": dict(scheduler.config), "img_channels": net.img_channels,
+                           "sampling": _sampling_section(config, ds)}, FINETUNE_SNAPSHOT)
 
     def snapshot(step: int) -> None:
         extra = {"step": step, "skipped": guard.skipped, "consecutive_skipped": guard.consecutive}
