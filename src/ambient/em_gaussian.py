@@ -17,7 +17,8 @@ statistics of the regression of each pixel x_d on z̃ = [z; 1]; the M-step solve
 jointly and sets ψ from the expected residuals. Each iteration cannot decrease the observed-data
 log-likelihood Σ_n log N(y_O; μ_O, W_O W_Oᵀ + Ψ_O) (computed with the determinant lemma). All
 arithmetic is float64; batches are sized so that the (batch, d, r) work array stays under
-``memory_mb``.
+``memory_mb``. Per-image results (posterior means and draws) are computed one image at a time, so they
+are the same bit for bit whatever the batch size (see :func:`_flat_items`).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class GaussianPrior:
     def posterior_mean(self, y: torch.Tensor, mask: torch.Tensor, memory_mb: float = 256) -> torch.Tensor:
         """E[x | y_O]: y on O, μ_H + W_H E[z | y] on H; shaped like ``y``, float64."""
         out = []
-        for yb, mb in _flat_batches(y, mask, self.dim, self.rank, memory_mb):
+        for yb, mb in _flat_items(y, mask, self.dim, self.rank, memory_mb):
             _, ez, _, _ = self._posterior(yb, mb)
             out.append(mb * yb + (1 - mb) * (self.mean + ez @ self.loading.T))
         return torch.cat(out).reshape(y.shape)
@@ -100,26 +101,22 @@ class GaussianPrior:
                          memory_mb: float = 256) -> torch.Tensor:
         """One exact draw of x | y_O per image; observed pixels returned unchanged (float64, y's shape).
 
-        Image i's noise comes from its own generator seeded by ``mix_seed(stream, seeds[i])``, so
-        a draw depends only on (prior, y_i, A_i, seeds[i]), not on the batch it is drawn in.
+        Image i's noise comes from its own generator seeded by ``mix_seed(stream, seeds[i])`` and its
+        linear algebra runs on its own (see :func:`_flat_items`), so a draw depends only on (prior,
+        y_i, A_i, seeds[i]), bit for bit, not on the batch or slice it is drawn in.
         """
         if len(seeds) != y.shape[0]:
             raise ValueError(f"seeds: need one per image ({y.shape[0]}), got {len(seeds)}")
-        out, start = [], 0
-        for yb, mb in _flat_batches(y, mask, self.dim, self.rank, memory_mb):
-            n = yb.shape[0]
+        out = []
+        for (yb, mb), s in zip(_flat_items(y, mask, self.dim, self.rank, memory_mb), seeds):
             _, ez, chol, _ = self._posterior(yb, mb)
-            eps_z = torch.empty(n, self.rank, dtype=torch.float64)
-            eps_x = torch.empty(n, self.dim, dtype=torch.float64)
-            for i, s in enumerate(seeds[start:start + n]):
-                g = torch.Generator().manual_seed(mix_seed(_POSTERIOR_STREAM, int(s)))
-                eps_z[i] = torch.randn(self.rank, generator=g, dtype=torch.float64)
-                eps_x[i] = torch.randn(self.dim, generator=g, dtype=torch.float64)
+            g = torch.Generator().manual_seed(mix_seed(_POSTERIOR_STREAM, int(s)))
+            eps_z = torch.randn(1, self.rank, generator=g, dtype=torch.float64)
+            eps_x = torch.randn(1, self.dim, generator=g, dtype=torch.float64)
             # z = E[z] + L⁻ᵀ ε has covariance (L Lᵀ)⁻¹ = M⁻¹
             z = ez + torch.linalg.solve_triangular(chol.transpose(1, 2), eps_z[:, :, None], upper=True)[:, :, 0]
             hidden = self.mean + z @ self.loading.T + self.noise.sqrt() * eps_x
             out.append(mb * yb + (1 - mb) * hidden)
-            start += n
         return torch.cat(out).reshape(y.shape)
 
 
@@ -144,6 +141,19 @@ def _flat_batches(y: torch.Tensor, mask: torch.Tensor, d: int, r: int, memory_mb
     for start in range(0, y.shape[0], step):
         mb = mask[start:start + step].reshape(-1, d).to(torch.float64)
         yield mb * y[start:start + step].reshape(-1, d).to(torch.float64), mb
+
+
+def _flat_items(y: torch.Tensor, mask: torch.Tensor, d: int, r: int, memory_mb: float):
+    """Like :func:`_flat_batches`, one image at a time ((1, d) each).
+
+    BLAS and LAPACK choose their blocking, vector paths and threading from the shapes of a call,
+    so a row of a batched matrix product can differ in its last bits with the batch size (seen on
+    AMD EPYC with MKL). Per-image results (posterior means and draws) therefore run every image's
+    linear algebra with the same shapes, whatever batch or slice of observations it comes in.
+    """
+    for yb, mb in _flat_batches(y, mask, d, r, memory_mb):
+        for i in range(yb.shape[0]):
+            yield yb[i:i + 1].clone(), mb[i:i + 1].clone()  # fresh, aligned storage: MKL may differ by alignment
 
 
 def initial_prior(y: torch.Tensor, mask: torch.Tensor, rank: int, memory_mb: float = 256) -> GaussianPrior:
