@@ -53,7 +53,8 @@ def test_train_sample_resume(tmp_path, capsys):
     assert code == 0, err
     pngs = sorted(folder.glob("*.png"))
     assert len(pngs) == 3
-    np.testing.assert_array_equal(np.asarray(Image.open(pngs[1])), images[1, ..., 0])
+    # up to one uint8 level: the network's kernels may round differently for another batch shape
+    assert np.abs(np.asarray(Image.open(pngs[1])).astype(int) - images[1, ..., 0]).max() <= 1
     # num-masks and guidance run
     code, _, err = run(["sample", "--model", str(out), "--num", "2", "--out", str(tmp_path / "g.npz"),
                         "--steps", "3", "--num-masks", "2", "--guidance-scale", "0.1"], capsys)

@@ -79,9 +79,10 @@ def test_conditional_training_then_sampling_by_class(cond_run, tmp_path):
     assert _sample(run, tmp_path / "mixed.npz", "--seeds", "0-3", "--classes", "all") == 0
     assert _sample(run, tmp_path / "zero.npz", "--seeds", "0,2", "--class", "0") == 0
     assert _sample(run, tmp_path / "one.npz", "--seeds", "1,3", "--class", "1") == 0
-    mixed = np.load(tmp_path / "mixed.npz")["images"]
-    np.testing.assert_array_equal(mixed[[0, 2]], np.load(tmp_path / "zero.npz")["images"])
-    np.testing.assert_array_equal(mixed[[1, 3]], np.load(tmp_path / "one.npz")["images"])
+    mixed = np.load(tmp_path / "mixed.npz")["images"].astype(int)
+    # up to one uint8 level: another batch (size, labels) may round differently in the network's kernels
+    assert np.abs(mixed[[0, 2]] - np.load(tmp_path / "zero.npz")["images"]).max() <= 1
+    assert np.abs(mixed[[1, 3]] - np.load(tmp_path / "one.npz")["images"]).max() <= 1
 
 
 def test_unconditional_sampling_of_a_conditional_model_is_refused(cond_run, tmp_path, capsys):

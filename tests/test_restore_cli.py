@@ -93,7 +93,9 @@ def test_ambient_mean_is_one_image_per_observation(models, tmp_path, capsys):
     assert code == 0, err
     images, index, diff, mask = hidden_and_observed(out, obs)
     assert images.shape == (3 * N_OBS, 8, 8, 1)
-    np.testing.assert_array_equal(images[0::3], images[1::3])  # a mean, not samples
+    # a mean, not samples: the same image up to one uint8 level (rows of one batch may round differently
+    # in the network's matrix products, by their position in it); samples differ by far more
+    assert np.abs(images[0::3].astype(int) - images[1::3]).max() <= 1
     assert diff[mask].max() <= 1
 
 

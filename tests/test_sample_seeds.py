@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 import numpy as np
 import pytest
 import torch
@@ -11,6 +10,7 @@ from ambient.checkpoint import save_snapshot
 from ambient.cli import main
 from ambient.cli.sample import parse_seeds
 from ambient.corruption import Corruption
+from ambient.errors import AmbientInputError
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 
 
@@ -20,7 +20,7 @@ def test_parse_seeds():
     assert parse_seeds("7") == [7]
     assert len(parse_seeds("0-49999")) == 50000
     for bad in ("", "a", "5-3", "-1", "1-", "1,,2"):
-        with pytest.raises(click.BadParameter):
+        with pytest.raises(AmbientInputError, match="^--seeds"):
             parse_seeds(bad)
 
 
@@ -42,13 +42,19 @@ def _sample(model_dir, tmp_path, name, *args):
     return np.load(out)["images"]
 
 
+def _close(a, b):
+    """Equal up to one uint8 level: the same seeds, in batches of another size, go through the network's
+    convolutions and matrix products, whose kernels may block (and so round) differently per batch shape."""
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_seed_list_gives_the_same_images_as_seed_and_num(model_dir, tmp_path):
     listed = _sample(model_dir, tmp_path, "listed", "--seeds", "3,5-6")
     assert listed.shape[0] == 3
-    np.testing.assert_array_equal(listed[:1], _sample(model_dir, tmp_path, "one", "--seed", "3", "--num", "1"))
-    np.testing.assert_array_equal(listed[1:], _sample(model_dir, tmp_path, "two", "--seed", "5", "--num_masks", "1",
-                                                      "--num-images", "2"))
-    assert not np.array_equal(listed[1], listed[2])
+    assert _close(listed[:1], _sample(model_dir, tmp_path, "one", "--seed", "3", "--num", "1"))
+    assert _close(listed[1:], _sample(model_dir, tmp_path, "two", "--seed", "5", "--num_masks", "1",
+                                      "--num-images", "2"))
+    assert np.abs(listed[1].astype(int) - listed[2].astype(int)).max() > 1
 
 
 def test_seeds_and_num_are_exclusive(model_dir, capsys):
