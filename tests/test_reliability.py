@@ -1,5 +1,6 @@
 """Issue 8: crashes lose nothing, files never run code, bad input is refused clearly."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -125,3 +126,200 @@ def test_further_accepts_binary_masks_of_any_dtype_and_refuses_the_rest(values, 
     else:
         with pytest.raises(ValueError, match="mask"):
             c.further(mask)
+
+
+# ----------------------------------------------------------------------------- issue 22: resume edge cases, faults
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def _tree(root):
+    """Every file under ``root`` (hidden ones too) and its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _train_args(data, out, kimg, *extra):
+    return ["train", "--data", str(data), "--outdir", str(out), "--kimg", str(kimg), *TRAIN, *extra]
+
+
+def _same_weights(a_dir, b_dir):
+    a, b = load_snapshot(latest_snapshot(a_dir)), load_snapshot(latest_snapshot(b_dir))
+    assert a.extra_state["nimg"] == b.extra_state["nimg"]
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+        assert torch.equal(a.ema[key], b.ema[key]), key
+
+
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_resume_at_or_past_kimg_says_so_and_changes_nothing(tmp_path, capsys, progress):
+    data = write_npz(tmp_path / "d.npz", n=16)
+    out = tmp_path / "run"
+    assert _run(_train_args(data, out, 0.048), capsys)[0] == 0
+    before = _tree(out)
+    for kimg, resume in ((0.024, ["--resume"]), (0.048, [])):  # past --kimg (lowered), and exactly at it
+        code, _, err = _run(_train_args(data, out, kimg, *resume, progress), capsys)
+        lines = err.strip().splitlines()
+        assert code == 0 and len(lines) == 1 and lines[0].startswith("nothing to do"), err
+        assert "0.048 kimg" in lines[0] and f"--kimg {kimg:g}" in lines[0]
+        assert _tree(out) == before  # config.json keeps the run's kimg; no new log or event file
+
+
+def test_damaged_snapshots_are_named_and_resume_uses_the_newest_complete_one(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz", n=16)
+    assert _run(_train_args(data, tmp_path / "full", 0.072), capsys)[0] == 0  # snapshots at steps 3, 6, 9
+    cut = tmp_path / "cut"
+    assert _run(_train_args(data, cut, 0.072), capsys)[0] == 0
+    model = cut / "snapshot-000009" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-8])  # truncated: the COMPLETE marker lists another size
+    (cut / "snapshot-000006" / "COMPLETE").unlink()  # incomplete
+    code, _, err = _run(_train_args(data, cut, 0.072), capsys)
+    assert code == 0, err
+    notice = [line for line in err.splitlines() if line.startswith("notice:")]
+    assert len(notice) == 1 and "snapshot-000006, snapshot-000009" in notice[0], err
+    assert "resuming from snapshot-000003" in notice[0] and "COMPLETE" in notice[0]
+    _same_weights(tmp_path / "full", cut)  # retrained from step 3; the damaged snapshots were rewritten
+    for snap in cut.glob("snapshot-*"):
+        load_snapshot(snap)
+    # nothing complete left: said so, and the run starts afresh (to the same weights)
+    for snap in cut.glob("snapshot-*"):
+        (snap / "COMPLETE").unlink()
+    code, _, err = _run(_train_args(data, cut, 0.072), capsys)
+    assert code == 0 and "starting afresh" in err and "snapshot-000003, snapshot-000006, snapshot-000009" in err
+    _same_weights(tmp_path / "full", cut)
+
+
+def _em_args(obs, out):
+    from tests.test_em import TINY as EM_TINY
+
+    args = list(EM_TINY)
+    args[args.index("--laps") + 1] = "1"
+    return ["em", "--data", str(obs), "--outdir", str(out), *args]
+
+
+def _finetune_args(tmp_path, out, steps=2):
+    from tests.test_finetune import save_npz, save_pipeline, tiny_unet
+
+    pre = tmp_path / "pre"
+    if not pre.exists():
+        save_pipeline(pre, tiny_unet())
+    data = tmp_path / "ft.npz"
+    if not data.exists():
+        save_npz(data)
+    return ["finetune", "--pretrained", str(pre), "--data", str(data), "--outdir", str(out), "--steps", str(steps),
+            "--corruption-probability", "0.5", "--delta-probability", "0.1", "--batch", "2", "--ema", "0.9",
+            "--lr", "1e-3", "--log-every", "1", "--snapshot-every", "2", "--device", "cpu"]
+
+
+def _command_args(command, tmp_path, out):
+    if command == "train":
+        return _train_args(write_npz(tmp_path / "d.npz", n=16), out, 0.016)
+    if command == "em":
+        from tests.test_em import observations
+
+        return _em_args(observations(tmp_path / "obs.npz"), out)
+    return _finetune_args(tmp_path, out)
+
+
+@pytest.mark.parametrize("command", ["train", "em", "finetune"])
+def test_a_second_process_on_the_same_outdir_is_refused(tmp_path, capsys, command):
+    from ambient.outdir import OutdirLock
+
+    out = tmp_path / "run"
+    argv = _command_args(command, tmp_path, out)
+    holder = OutdirLock()  # stands for another process writing into the folder (flock: per open file)
+    holder.acquire(out)
+    try:
+        before = _tree(out)
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: --outdir"), err
+        assert f"another ambient process (pid {os.getpid()})" in err
+        assert _tree(out) == before
+    finally:
+        holder.release()
+    code, _, err = _run(argv, capsys)  # the lock's holder is gone: the same command runs
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("command", ["em", "finetune"])
+def test_em_and_finetune_at_or_past_their_length_say_so_and_change_nothing(tmp_path, capsys, command):
+    out = tmp_path / "run"
+    if command == "em":
+        full = _command_args("em", tmp_path, out)
+        full[full.index("--laps") + 1] = "2"
+        lowered = list(full)
+        lowered[lowered.index("--laps") + 1] = "1"
+    else:
+        full, lowered = _finetune_args(tmp_path, out, steps=4), _finetune_args(tmp_path, out, steps=2)
+    assert _run(full, capsys)[0] == 0
+    before = _tree(out)
+    for argv in (lowered, full):  # past its length (lowered), then exactly at it
+        code, stdout, err = _run(argv, capsys)
+        lines = [line for line in (stdout + err).splitlines() if not line.startswith("done: ")]  # finetune: stdout
+        assert code == 0 and len(lines) == 1 and lines[0].startswith("nothing to do"), (stdout, err)
+        assert _tree(out) == before
+
+
+def _failing_writes(monkeypatch, err: int, hit) -> list:
+    """Make the writers of ambient.io (and the snapshot writer built on them) fail with ``err`` for the
+    files ``hit(path)`` selects, after writing half of the bytes; returns the paths that failed."""
+    from ambient import checkpoint, io
+
+    failed = []
+    real_synced, real_atomic = checkpoint.write_synced, io.atomic_write
+
+    def synced(path, data):
+        if hit(str(path)):
+            failed.append(str(path))
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(err, os.strerror(err))
+        real_synced(path, data)
+
+    def atomic(path, write):
+        def cut(f):
+            if hit(str(path)):
+                failed.append(str(path))
+                f.write(b"half")
+                raise OSError(err, os.strerror(err))
+            write(f)
+        return real_atomic(path, cut)
+
+    monkeypatch.setattr(checkpoint, "write_synced", synced)
+    monkeypatch.setattr(io, "atomic_write", atomic)
+    return failed
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_write_failing_mid_snapshot_keeps_the_previous_snapshot(tmp_path, capsys, monkeypatch, err):
+    data = write_npz(tmp_path / "d.npz", n=16)
+    out = tmp_path / "run"
+    failed = _failing_writes(monkeypatch, err, lambda p: ".tmp-snapshot-000006" in p and p.endswith("ema.safetensors"))
+    code, _, text = _run(_train_args(data, out, 0.072), capsys)
+    last = text.strip().splitlines()[-1]  # after the run's own log lines (snapshot 3 was written)
+    assert failed and code == 2 and last.startswith("error: cannot write") and "Traceback" not in text, text
+    assert ("no space left on device" if err == errno.ENOSPC else os.strerror(err)) in last
+    assert latest_snapshot(out) == out / "snapshot-000003" and load_snapshot(out / "snapshot-000003")
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert _run(_train_args(data, out, 0.072), capsys)[0] == 0  # the same command then ends as an uninterrupted run
+    assert _run(_train_args(data, tmp_path / "full", 0.072), capsys)[0] == 0
+    _same_weights(tmp_path / "full", out)
+
+
+def test_a_write_failing_in_em_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    from tests.test_em import observations
+
+    obs = observations(tmp_path / "obs.npz")
+    out = tmp_path / "run"
+    failed = _failing_writes(monkeypatch, errno.ENOSPC, lambda p: p.endswith("lap-00.npz"))
+    code, _, text = _run(_em_args(obs, out), capsys)
+    last = text.strip().splitlines()[-1]  # after the Gaussian fit's log lines
+    assert failed and code == 2 and last.startswith("error: cannot write") and "no space left on device" in last
+    assert "Traceback" not in text
+    assert (out / "gaussian.npz").is_file() and not (out / "completions" / "lap-00.npz").exists()
+    assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary file left
+    monkeypatch.undo()
+    assert _run(_em_args(obs, out), capsys)[0] == 0

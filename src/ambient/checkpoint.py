@@ -240,6 +240,18 @@ def list_snapshots(outdir: str | os.PathLike) -> list[Path]:
     return sorted(found.values(), key=lambda p: (snapshot_step(p), p.name))
 
 
+def damaged_snapshots(outdir: str | os.PathLike) -> list[Path]:
+    """Folders ``outdir/snapshot-<step>`` that are not complete (no COMPLETE marker, or files of
+    other sizes than it lists), sorted by step: `list_snapshots` skips them. A save never leaves
+    one (it renames complete folders into place), so these were damaged afterwards, or written
+    by a version without the marker."""
+    outdir = Path(outdir)
+    if not outdir.is_dir():
+        return []
+    found = [e for e in outdir.iterdir() if _NAME_RE.match(e.name) and e.is_dir() and not is_complete(e)]
+    return sorted(found, key=lambda p: (snapshot_step(p), p.name))
+
+
 def latest_snapshot(outdir: str | os.PathLike) -> Path | None:
     """The complete snapshot with the highest step in ``outdir``, or None."""
     snapshots = list_snapshots(outdir)

@@ -214,9 +214,21 @@ class EMRun:
 
     # ------------------------------------------------------------------ laps
     def run(self) -> Path:
-        from ambient.outdir import check_writable
+        """Do or resume every lap; a run whose ``--laps`` laps are all finished is left as it is (one line
+        says so). The run folder is locked while laps run: a second process on it is refused."""
+        from ambient.outdir import OutdirLock, check_writable
 
-        check_writable(self.root)
+        done = sorted(row["lap"] for row in self.finished_laps())
+        if all(lap in done for lap in range(self.cfg.laps)):  # finished, or --laps lowered: change nothing
+            self.log(f"nothing to do: {self.root} already has {len(done)} finished lap(s), at or past --laps "
+                     f"{self.cfg.laps} (a larger --laps runs more)")
+            return self.root
+        with OutdirLock() as lock:
+            check_writable(self.root)
+            lock.acquire(self.root)  # a second process on this run folder is refused here
+            return self._run_laps()
+
+    def _run_laps(self) -> Path:
         atomic_write_json(self.root / "em_config.json",
                           stamped({"em": self.cfg.to_dict(), "data": self.meta}, EM_RUN))
         done = {row["lap"] for row in self.finished_laps()}

@@ -36,6 +36,69 @@ def check_writable(outdir: Path) -> None:
         raise AmbientInputError(f"--outdir {outdir}: not writable ({why})") from None
 
 
+LOCK_FILE = ".lock"
+
+
+class OutdirLock:
+    """One writer per folder: an exclusive ``flock`` on ``<folder>/.lock``, held while a command writes.
+
+    The kernel drops the lock when its file is closed, so a process that crashes or is SIGKILLed
+    never leaves it stuck; the file itself (with the holder's pid, for the message) stays. A second
+    process asking for a held lock is refused at once with a one-line AmbientInputError. Use it as a
+    context manager around the command and call :meth:`acquire` once every input check has passed
+    (it creates the folder): the lock is released on any exit. Where ``fcntl`` is missing (Windows)
+    nothing is locked.
+    """
+
+    def __init__(self) -> None:
+        self._file = None
+
+    def acquire(self, folder: str | os.PathLike, flag: str = "--outdir") -> None:
+        folder = Path(folder)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return
+        if self._file is not None:
+            raise RuntimeError("OutdirLock.acquire called twice")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = open(folder / LOCK_FILE, "a+")
+        except OSError as exc:
+            why = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise AmbientInputError(f"{flag} {folder}: not writable ({why})") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return  # a file system without locks (some network mounts): go on unlocked
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise AmbientInputError(f"{flag} {folder}: another ambient process{who} is writing into it; wait for "
+                                    f"it to finish or use another {flag}") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError:
+            pass  # the pid is only for the message
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+    def __enter__(self) -> OutdirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def sample_grid(denoiser, spec: SamplingSpec, shape, n: int, device, num_steps: int = 18) -> torch.Tensor:
     """n samples from fixed seeds 0..n−1 (so grids of successive snapshots are comparable)."""
     kwargs = spec.sampler_kwargs()

@@ -32,7 +32,7 @@ from ambient.folders import TRAIN_RUN, TRAIN_SNAPSHOT, check_readable_as, claim_
 from ambient.io import atomic_write_json
 from ambient.loss import training_loss
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
-from ambient.outdir import RunLogger, check_writable, write_grid_pair
+from ambient.outdir import OutdirLock, RunLogger, check_writable, write_grid_pair
 from ambient.statedict import load_state_dict_strict
 from ambient.training import (
     INIT_STREAM,
@@ -43,6 +43,7 @@ from ambient.training import (
     ema_beta,
     guarded_step,
     resume_source,
+    skipped_snapshots_notice,
     update_ema,
 )
 from ambient.warmstart import load_init_weights
@@ -151,7 +152,8 @@ def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict,
         if snap.optimizer is not None:
             opt.load_state_dict(snap.optimizer)
         state = TrainState(**{k: int(snap.extra_state[k]) for k in vars(state) if k in snap.extra_state})
-        log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
+        if state.nimg < _total_nimg(cfg):  # else train() says there is nothing to do
+            log(f"resuming from {source} at {state.nimg / 1000:.3f} kimg")
     elif cfg.init is not None:
         init_dir = load_init_weights(cfg.init, net, ema, model_cfg)
         log(f"starting from the weights of {init_dir}")
@@ -171,8 +173,21 @@ def _backward(den, loss_fn, inputs, opt, autocast, per_rank: int, device, dropou
     return loss
 
 
+def _total_nimg(cfg: TrainConfig) -> int:
+    return int(round(cfg.kimg * 1000))
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
-    """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this."""
+    """Run (or resume) training as configured; returns the outdir. ``ambient train`` calls this.
+
+    A run whose snapshot is already at or past ``--kimg`` is left as it is (one line says so). The
+    outdir is locked while training writes into it: a second process on it is refused.
+    """
+    with OutdirLock() as lock:
+        return _train(cfg, progress=progress, log=log, lock=lock)
+
+
+def _train(cfg: TrainConfig, *, progress: bool, log, lock: OutdirLock) -> Path:
     cfg.validate()
     outdir = Path(cfg.outdir)
     world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
@@ -181,6 +196,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     env = dist_utils.init_from_env(cfg.device)
     device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
     source = _resume_source(cfg, outdir)
+    skipped = skipped_snapshots_notice(outdir, source) if cfg.resume in (None, RESUME_LATEST) else None
+    if env.rank == 0 and skipped:
+        log(skipped)
     cfg = _resolve_loss_weighting(cfg, source)
     cfg, data, law = _load_data_with_law(cfg, source)
     model_cfg = model_config_for(cfg, data)
@@ -198,8 +216,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
                            "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
     net, ema, opt, state = _build_or_resume(cfg, model_cfg, run_config, source, device,
                                             log if env.rank == 0 else (lambda _m: None))
+    if source is not None and state.nimg >= _total_nimg(cfg):  # finished, or --kimg lowered: change nothing
+        if env.rank == 0:
+            log(f"nothing to do: {source} is already at {state.nimg / 1000:g} kimg, at or past --kimg {cfg.kimg:g} "
+                "(a larger --kimg trains further)")
+        return outdir
     if env.rank == 0:  # after every check of the inputs (e.g. --init's network), so a refusal writes nothing
         check_writable(outdir)
+        lock.acquire(outdir)  # a second process on this outdir is refused here
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)
@@ -211,7 +235,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     if env.rank == 0:
         atomic_write_json(outdir / "config.json", stamped(run_config, TRAIN_RUN))
     order = EpochOrder(len(data), cfg.seed)
-    total = int(round(cfg.kimg * 1000))
+    total = _total_nimg(cfg)
     per_rank = cfg.batch // env.world_size
     mine = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
     next_snapshot = (math.floor(state.nimg / (cfg.snapshot_kimg * 1000)) + 1) * cfg.snapshot_kimg * 1000

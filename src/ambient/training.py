@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ambient.checkpoint import latest_snapshot
+from ambient.checkpoint import damaged_snapshots, latest_snapshot, snapshot_step
 from ambient.corruption import mix_seed
 from ambient.errors import AmbientInputError, TrainingDiverged
 
@@ -144,6 +144,19 @@ def resume_source(outdir: Path, resume: str | None, *, flag: str = "--resume") -
             raise AmbientInputError(f"{flag} {p}: no snapshot to resume from")
         return snap
     return latest_snapshot(outdir) if outdir.is_dir() else None
+
+
+def skipped_snapshots_notice(outdir: Path, source: Path | None) -> str | None:
+    """One line naming the damaged or incomplete snapshots of ``outdir`` newer than ``source`` (the
+    snapshot a resume uses, None: a fresh start), which resuming passes over; None if there are none."""
+    newest = snapshot_step(source) if source is not None else None
+    skipped = [p.name for p in damaged_snapshots(outdir) if newest is None or snapshot_step(p) > newest]
+    if not skipped:
+        return None
+    names = ", ".join(skipped) if len(skipped) <= 3 else f"{', '.join(skipped[:3])} and {len(skipped) - 3} more"
+    then = f"resuming from {source.name}" if source is not None else "no complete snapshot left: starting afresh"
+    return (f"notice: skipping {names} in {outdir}: incomplete or damaged (files missing or of other sizes than "
+            f"its COMPLETE marker lists); {then}")
 
 
 def check_resume_compatible(saved: dict, current: dict, may_change: Iterable[str], source: Path | str, *,

@@ -16,6 +16,7 @@ to resume and the resume check come from :mod:`ambient.training`, shared with ``
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -40,6 +41,7 @@ from ambient.finetune.pretrained import (
 )
 from ambient.folders import FINETUNE_RUN, FINETUNE_SNAPSHOT, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_write_json
+from ambient.outdir import OutdirLock
 from ambient.statedict import load_state_dict_strict
 from ambient.training import (
     STEP_STREAM,
@@ -48,6 +50,7 @@ from ambient.training import (
     check_resume_compatible,
     guarded_step,
     resume_source,
+    skipped_snapshots_notice,
     update_ema,
 )
 
@@ -117,6 +120,9 @@ def _build_or_resume(config: FinetuneConfig, outdir: Path, device, log: Callable
     """(config with its mask law resolved, data, net, scheduler, EMA copy or None, optimizer, snapshot or None):
     built from the pretrained model, or restored from the latest snapshot in ``outdir`` (unless --no-resume)."""
     snap_dir = resume_source(outdir, None if config.resume else "none")
+    skipped = skipped_snapshots_notice(outdir, snap_dir) if config.resume else None
+    if skipped:
+        log(skipped)
     snap = load_snapshot(snap_dir) if snap_dir is not None else None
     old = snap.config.get("finetune", {}) if snap is not None else {}
     saved_full_rgb = old.get("mask_full_rgb") if isinstance(old.get("mask_full_rgb"), bool) else None
@@ -126,7 +132,8 @@ def _build_or_resume(config: FinetuneConfig, outdir: Path, device, log: Callable
         check_resume_compatible(old, config.to_dict(), may_change, snap_dir,
                                 fresh_start="another --outdir (or --no-resume)")
         net, scheduler = _rebuild(snap)
-        log(f"resuming from {snap_dir} (step {int(snap.extra_state['step'])})")
+        if int(snap.extra_state["step"]) < config.steps:  # else finetune() says there is nothing to do
+            log(f"resuming from {snap_dir} (step {int(snap.extra_state['step'])})")
     else:
         net, scheduler = build_model(config)
     _check_fit(net, ds, config)
@@ -143,8 +150,26 @@ def _build_or_resume(config: FinetuneConfig, outdir: Path, device, log: Callable
     return config, ds, net, scheduler, ema, opt, snap
 
 
+def _exported_step(outdir: Path) -> int | None:
+    """The step of the model exported into ``outdir`` (its config.json is written last), or None."""
+    try:
+        step = json.loads((outdir / "config.json").read_text(encoding="utf-8"))["model"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -> Path:
-    """Run (or resume) a finetuning run; returns ``outdir`` holding the exported model."""
+    """Run (or resume) a finetuning run; returns ``outdir`` holding the exported model.
+
+    A run already at or past ``--steps`` (and exported) is left as it is (one line says so). The
+    outdir is locked while finetuning writes into it: a second process on it is refused.
+    """
+    with OutdirLock() as lock:
+        return _finetune(config, log, lock)
+
+
+def _finetune(config: FinetuneConfig, log: Callable[[str], None] | None, lock: OutdirLock) -> Path:
     config.validate()
     log = log or (lambda _msg: None)
     outdir = Path(config.outdir)
@@ -158,7 +183,11 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] | None = None) -
     saved = snap.extra_state if snap is not None else {}
     guard = NonFiniteGuard(MAX_NONFINITE, int(saved.get("skipped", 0)), int(saved.get("consecutive_skipped", 0)))
     params = list(net.unet.parameters())
-    outdir.mkdir(parents=True, exist_ok=True)
+    if snap is not None and start >= config.steps and (start > config.steps or _exported_step(outdir) == start):
+        log(f"nothing to do: {snap.path} is already at step {start}, at or past --steps {config.steps} "
+            "(a larger --steps trains further)")
+        return outdir
+    lock.acquire(outdir)  # creates the folder; a second process on it is refused here
     atomic_write_json(outdir / "finetune_options.json", stamped(config.to_dict(), FINETUNE_RUN))
     snap_config = stamped({"finetune": config.to_dict(),
                            "unet_class": type(net.unet).__name__, "unet_config": dict(net.unet.config),
