@@ -1,6 +1,7 @@
 """Issue 8: crashes lose nothing, files never run code, bad input is refused clearly."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -37,9 +38,16 @@ def test_sigkill_during_training_then_resume_equals_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "snapshot-000006").exists():
         time.sleep(0.05)
+    from ambient.errors import AmbientInputError
+    from ambient.outdir import OutdirLock
+
+    with pytest.raises(AmbientInputError, match=f"another ambient process \\(pid {proc.pid}\\)"):
+        OutdirLock().acquire(killed)  # the running process holds the outdir
     time.sleep(0.3)  # land somewhere in the middle of training (or of writing a snapshot)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    with OutdirLock() as lock:
+        lock.acquire(killed)  # a killed holder leaves no stuck lock
     partial = latest_snapshot(killed)
     assert partial is not None and load_snapshot(partial).extra_state["nimg"] < 600
     subprocess.run(_train_cmd(data, killed, 0.6), check=True, env=env, capture_output=True)
@@ -323,3 +331,126 @@ def test_a_write_failing_in_em_is_one_line_and_the_run_resumes(tmp_path, capsys,
     assert not [p for p in out.rglob(".*") if p.name != ".lock"]  # no temporary file left
     monkeypatch.undo()
     assert _run(_em_args(obs, out), capsys)[0] == 0
+
+
+# ----------------------------------------------------------------------------- SIGKILL: em, finetune, restore
+_ENV1 = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "ambient", *(str(a) for a in args)]
+
+
+def _killed_then_finished(cmd, started, rng, *, kills: int, span: float, stderr=None) -> int:
+    """Run ``cmd`` ``kills`` times, each SIGKILLed at a random moment up to ``span`` s after ``started()``
+    turns true, then once to the end; returns how many kills landed before the command ended. ``stderr``:
+    a file that takes each killed run's stderr (for ``started`` to read)."""
+    landed = 0
+    for _ in range(kills):
+        with open(stderr or os.devnull, "w") as err:
+            proc = subprocess.Popen(cmd, env=_ENV1, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while proc.poll() is None and not started() and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, span))
+        proc.send_signal(signal.SIGKILL)
+        landed += proc.wait() == -signal.SIGKILL
+    done = subprocess.run(cmd, env=_ENV1, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return landed
+
+
+def _both(reference_cmd, killed_cmd, started, rng, *, kills, span, stderr=None) -> int:
+    """The uninterrupted run (in the background) and the killed-and-rerun one, side by side."""
+    reference = subprocess.Popen(reference_cmd, env=_ENV1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+    try:
+        landed = _killed_then_finished(killed_cmd, started, rng, kills=kills, span=span, stderr=stderr)
+    finally:
+        _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    return landed
+
+
+@pytest.mark.slow  # ~25 s on a shared 2-core machine: several process starts
+def test_sigkill_during_em_then_the_same_command_equals_an_uninterrupted_run(tmp_path):
+    import random
+
+    import numpy as np
+
+    from ambient.statedict import read_tensors
+    from tests.test_em import TINY as EM_TINY
+    from tests.test_em import observations
+
+    obs = observations(tmp_path / "obs.npz")
+    args = list(EM_TINY)
+    for flag, value in (("--lap-kimg", "0.016"), ("--snapshot-kimg", "0.008")):
+        args[args.index(flag) + 1] = value
+
+    def em(out):
+        return _cli("em", "--data", obs, "--outdir", out, *args)
+
+    killed = tmp_path / "killed"
+    landed = _both(em(tmp_path / "full"), em(killed), lambda: (killed / "em_config.json").exists(),
+                   random.Random(1), kills=3, span=3.0)
+    assert landed >= 1
+    for lap in ("lap-00", "lap-01"):
+        a, b = ((read_tensors(sorted((root / lap).glob("snapshot-*"))[-1] / "ema.safetensors", "cpu")[0])
+                for root in (tmp_path / "full", killed))
+        assert all(torch.equal(a[k], b[k]) for k in a), lap
+    for name in ("lap-00.npz", "lap-01.npz"):
+        with np.load(tmp_path / "full" / "completions" / name) as za, np.load(killed / "completions" / name) as zb:
+            assert np.array_equal(za["images"], zb["images"]) and np.array_equal(za["index"], zb["index"])
+    laps = [[json.loads(line)["lap"] for line in (root / "stats.jsonl").read_text().splitlines()]
+            for root in (tmp_path / "full", killed)]
+    assert laps == [[0, 1], [0, 1]]
+
+
+@pytest.mark.slow  # ~25 s on a shared 2-core machine: several process starts
+def test_sigkill_during_finetune_then_the_same_command_equals_an_uninterrupted_run(tmp_path):
+    import random
+
+    from safetensors.torch import load_file
+
+    def finetune(out):
+        argv = _finetune_args(tmp_path, out, steps=10)
+        return _cli(*argv)
+
+    killed = tmp_path / "killed"
+    landed = _both(finetune(tmp_path / "full"), finetune(killed), lambda: (killed / "finetune_options.json").exists(),
+                   random.Random(2), kills=2, span=3.0)
+    assert landed >= 1
+    a, b = (load_file(str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+            for root in (tmp_path / "full", killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [[json.loads(line)["step"] for line in (root / "stats.jsonl").read_text().splitlines()]
+             for root in (tmp_path / "full", killed)]
+    assert steps[0] == list(range(1, 11)) and sorted(set(steps[1])) == steps[0]  # killed steps are logged again
+
+
+def test_sigkill_during_restore_then_the_same_command_equals_an_uninterrupted_run(tmp_path, capsys):
+    import random
+
+    import numpy as np
+
+    from tests.test_restore_cli import observations
+
+    data = write_npz(tmp_path / "train.npz", n=16)
+    model = tmp_path / "naive"
+    assert _run(["train", "--data", str(data), "--outdir", str(model), "--objective", "naive", "--arch", "tiny",
+                 "--batch", "8", "--kimg", "0.016", "--grid-samples", "0", "--no-progress"], capsys)[0] == 0
+    obs = observations(tmp_path / "obs.npz", n=12)
+
+    def restore(out):
+        return _cli("restore", "--model", model, "--data", obs, "--out", out, "--steps", "12", "--num-per-image", "2",
+                    "--batch", "4", "--cg-iters", "2")
+
+    killed, log = tmp_path / "killed.npz", tmp_path / "killed.log"
+    started = lambda: log.is_file() and "restore (mmps)" in log.read_text()  # noqa: E731 (its progress bar)
+    landed = _both(restore(tmp_path / "full.npz"), restore(killed), started, random.Random(3), kills=1, span=1.5,
+                   stderr=log)
+    assert landed == 1
+    log.unlink()
+    with np.load(tmp_path / "full.npz") as za, np.load(killed) as zb:
+        assert np.array_equal(za["images"], zb["images"]) and np.array_equal(za["index"], zb["index"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
