@@ -317,6 +317,30 @@ def test_a_write_failing_mid_snapshot_keeps_the_previous_snapshot(tmp_path, caps
     _same_weights(tmp_path / "full", out)
 
 
+_FULL_DISK = """
+import errno, os, sys
+import ambient.checkpoint as checkpoint
+real = checkpoint.write_synced
+def full(path, data):
+    if ".tmp-snapshot-000006" in str(path) and str(path).endswith("ema.safetensors"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real(path, data)
+checkpoint.write_synced = full
+from ambient.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_failed_write_with_the_progress_bar_on_ends_stderr_with_the_error(tmp_path):
+    data = write_npz(tmp_path / "d.npz", n=16)
+    argv = _train_args(data, tmp_path / "run", 0.072, "--progress")
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, *argv], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True)
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]  # the bar is closed before the message
+    assert proc.returncode == 2 and last.startswith("error: cannot write") and "no space left" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_write_failing_in_em_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
     from tests.test_em import observations
 

@@ -197,6 +197,18 @@ class RunLogger:
         elif os.environ.get("AMBIENT_QUIET", "") in ("", "0"):
             print(message, file=sys.stderr)
 
+    def abort(self) -> None:
+        """Close the progress bar and TensorBoard without another row (after an error; no-op after close)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            try:
+                self.tb.close()
+            except OSError:
+                pass  # e.g. the disk that made the run fail is still full
+            self.tb = None
+
     def close(self) -> None:
         """Write the pending partial tick (if any step was not logged yet) and close the writers."""
         if self.enabled and self.losses and self._last is not None:

@@ -183,11 +183,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log=print) -> Path:
     A run whose snapshot is already at or past ``--kimg`` is left as it is (one line says so). The
     outdir is locked while training writes into it: a second process on it is refused.
     """
-    with OutdirLock() as lock:
-        return _train(cfg, progress=progress, log=log, lock=lock)
+    with contextlib.ExitStack() as cleanup:  # on any exit: the progress bar closed, then the lock released
+        return _train(cfg, progress=progress, log=log, cleanup=cleanup)
 
 
-def _train(cfg: TrainConfig, *, progress: bool, log, lock: OutdirLock) -> Path:
+def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitStack) -> Path:
     cfg.validate()
     outdir = Path(cfg.outdir)
     world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
@@ -223,7 +223,7 @@ def _train(cfg: TrainConfig, *, progress: bool, log, lock: OutdirLock) -> Path:
         return outdir
     if env.rank == 0:  # after every check of the inputs (e.g. --init's network), so a refusal writes nothing
         check_writable(outdir)
-        lock.acquire(outdir)  # a second process on this outdir is refused here
+        cleanup.enter_context(OutdirLock()).acquire(outdir)  # a second process on this outdir is refused here
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     if cfg.compile:  # per block: compiling the whole UNet gives wrong gradients on CPU (torch 2.13)
@@ -232,6 +232,7 @@ def _train(cfg: TrainConfig, *, progress: bool, log, lock: OutdirLock) -> Path:
 
     logger = RunLogger(outdir, enabled=env.rank == 0, progress=progress, total_nimg=int(cfg.kimg * 1000),
                        start_nimg=state.nimg)
+    cleanup.callback(logger.abort)  # an error (e.g. a failed write) ends the bar before its one-line message
     if env.rank == 0:
         atomic_write_json(outdir / "config.json", stamped(run_config, TRAIN_RUN))
     order = EpochOrder(len(data), cfg.seed)
