@@ -6,6 +6,8 @@ group and turns user errors into one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import sys
 
@@ -37,6 +39,42 @@ def _register() -> None:
 
 
 _register()
+
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _bounded(param_type: click.ParamType) -> click.ParamType:
+    """A copy of an int or float option type that also refuses numbers no tensor can hold (an int beyond 64
+    bits, a finite float beyond float32), naming the flag, before they reach torch as an OverflowError.
+    Infinities and NaN pass through to the configs' own checks, which say what the option allows."""
+    bounded = copy.copy(param_type)  # click.INT and click.FLOAT are shared: change a copy
+    convert = bounded.convert
+
+    def checked(value, param, ctx):
+        value = convert(value, param, ctx)
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            bounded.fail(f"{value} does not fit in a 64-bit integer", param, ctx)
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            bounded.fail(f"{value:g} is out of range (at most {FLOAT32_MAX:.4g} in magnitude)", param, ctx)
+        return value
+
+    bounded.convert = checked
+    return bounded
+
+
+def _bound_numbers(group: click.Group) -> None:
+    """Every int/float option of every command gets the bounds of _bounded."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _bound_numbers(command)
+            continue
+        for param in command.params:
+            if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                param.type = _bounded(param.type)
+
+
+_bound_numbers(cli)
 
 
 def _one_line(message: str) -> str:
