@@ -57,7 +57,7 @@ def read_source(spec: str, data_dir: str | os.PathLike | None = None, max_size: 
     resolution = check_positive(resolution, "--resolution")
     spec = str(spec).strip()
     if not spec:
-        raise AmbientInputError("data spec is empty; give a folder, .zip, .npz or builtin:NAME")
+        raise AmbientInputError("--data is empty; give a folder, .zip, .npz or builtin:NAME")
     if spec.startswith("builtin:"):
         raw = _read_builtin(spec, data_dir, max_size)
     else:

@@ -64,8 +64,10 @@ def fid_command(samples, ref, json_out, kid_subsets, kid_subset_size, inception,
 
     KID needs features: with a statistics-only reference (EDM's npz) it is null.
     """
-    from ambient.metrics.evaluate import evaluate_fid, write_json
+    from ambient.metrics.evaluate import check_output_file, evaluate_fid, write_json
 
+    if json_out:
+        check_output_file(json_out, "--json")
     result = evaluate_fid(samples, ref, inception=inception, batch=batch, kid_subsets=kid_subsets,
                           kid_subset_size=kid_subset_size, cache=not no_cache, max_size=max_size, device=device)
     if result is None:  # a torchrun rank other than 0
@@ -104,8 +106,10 @@ def ref_command(data, out, with_features, inception, batch, no_cache, max_size, 
               help="Use only the first N images of each set.")
 def swd_command(samples, ref, json_out, num_projections, seed, max_size):
     """Sliced Wasserstein-2 distance in pixel space (images in [-1, 1]); needs equal image shapes."""
-    from ambient.metrics.evaluate import evaluate_swd, write_json
+    from ambient.metrics.evaluate import check_output_file, evaluate_swd, write_json
 
+    if json_out:
+        check_output_file(json_out, "--json")
     result = evaluate_swd(samples, ref, num_projections=num_projections, seed=seed, max_size=max_size)
     if result is None:
         return

@@ -38,9 +38,28 @@ from ambient.metrics.plots import pairs_panel, similarity_histogram
 from ambient.metrics.swd import sliced_wasserstein
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> Path:
-    """Write ``obj`` as indented JSON (keys in order, no NaN), atomically."""
-    return atomic_write_json(path, obj, sort_keys=False, allow_nan=False)
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a file this command may write (checked before any work): not empty, not a folder, in a folder."""
+    if not str(path).strip():
+        raise AmbientInputError(f"{flag} is empty; give a file path")
+    path = Path(path)
+    if path.is_dir():
+        raise AmbientInputError(f"{flag} {path}: is a folder; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AmbientInputError(f"{flag} {path}: {parent} is not a folder")
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: dict, flag: str = "--json") -> Path:
+    """Write ``obj`` as indented JSON (keys in order, no NaN), atomically; errors name ``flag``."""
+    path = check_output_file(path, flag)
+    try:
+        return atomic_write_json(path, obj, sort_keys=False, allow_nan=False)
+    except OSError as exc:
+        raise AmbientInputError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.Tensor:
@@ -48,6 +67,8 @@ def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.T
     from ambient.data import load_images
 
     spec = str(spec)
+    if not spec.strip():
+        raise AmbientInputError(f"{flag} is empty; give a folder, .zip, .npz or builtin:NAME")
     if not spec.startswith("builtin:") and not Path(spec).expanduser().exists():
         raise AmbientInputError(f"{flag} {spec}: no such file or folder")
     images = load_images(spec, data_dir=None, max_size=max_size)
@@ -139,6 +160,7 @@ def make_reference(
 ) -> FeatureSet | None:
     """Write the reference statistics npz of ``data`` to ``out`` (EDM keys plus our extras); under
     torchrun rank 0 writes and returns them, the other ranks return ``None``."""
+    check_output_file(out, "--out")
     if is_stats_file(data):
         raise AmbientInputError(f"--data {data}: is already a statistics file; give images")
     images = load_image_set(data, "--data", max_size)
