@@ -174,6 +174,11 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
     from ambient.checkpoint import save_snapshot
     from ambient.model import ModelConfig, SamplingSpec, build_denoiser
 
+    for key, flag in (("corruption_probability", "--corruption-probability"),
+                      ("delta_probability", "--delta-probability")):
+        value = (corruption or {}).get(key)
+        if value is not None and not 0 <= value < 1:
+            raise AmbientInputError(f"{flag} {value}: must be in [0, 1)")
     out = Path(out)
     if out.exists():
         what = f" (it is {describe(folder_kind(out))})" if out.is_dir() and folder_kind(out) else ""
