@@ -79,7 +79,7 @@ INT_VALUES = [("empty", ""), ("negative", "-1"), ("zero", "0"), ("fraction", "1.
 FLOAT_VALUES = [("empty", ""), ("negative", "-1"), ("zero", "0"), ("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"),
                 ("huge", "1e308"), ("text", "abc")]
 STRING_VALUES = [("empty", ""), ("negative", "-1"), ("nan", "nan"), ("unicode", "\u00e9\u2603"),
-                 ("long-name", "x" * 300)]
+                 ("long-name", "x" * 300), ("huge-range", "0-999999999")]
 # Paths, for every string option: whatever the option means, each must be used or refused cleanly.
 PATH_VALUES = [("a-file", "@file.txt"), ("empty-folder", "@empty-dir"), ("other-folder", "@other-dir"),
                ("missing", "@new/missing"), ("under-a-file", "@file.txt/sub"), ("data-npz", "@data.npz"),
@@ -337,7 +337,7 @@ CASE_ENV_DROP = ("AMBIENT_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WOR
                  "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
 
 
-def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 6 << 30) -> Result:
+def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 4 << 30) -> Result:
     """`ambient.cli.main(argv)` in this process, in `cwd`, with stdout/stderr captured."""
     from ambient.cli import main
 
