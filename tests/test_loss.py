@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from ambient.analytic import GaussianDenoiser, smooth_covariance
 from ambient.backbones import build_backbone
 from ambient.corruption import Corruption
 from ambient.denoiser import Denoiser
-from ambient.loss import AmbientLoss
+from ambient.loss import AmbientLoss, EDMLoss
 from tests.conftest import MLPBackbone
 
 
@@ -216,7 +218,7 @@ def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
     assert torch.equal(part.noise, d1.noise[1:3]) and torch.equal(part.mask_hat, d1.mask_hat[1:3])
 
 
-@pytest.mark.parametrize("weighting", ["edm", "pixel"])
+@pytest.mark.parametrize("weighting", ["edm", "pixel", "tilted"])
 def test_weightings_keep_unobserved_pixels_out_and_the_closed_form_optimum_best(weighting):
     opt, x0, a, a_hat = _gaussian_setup()
     n = x0.shape[0]
@@ -247,3 +249,52 @@ def test_pixel_weighting_gives_hidden_graded_pixels_one_over_sigma_data_squared(
                                AmbientLoss(weighting="edm")(const, y, a, a, sigma=sigma, noise=torch.zeros_like(y)))
     with pytest.raises(ValueError, match="weighting"):
         AmbientLoss(weighting="other")
+
+
+def _quadrature(loss: AmbientLoss, f, law_mean: float):
+    """∫ f(σ) over σ = exp(N(law_mean, P_std²)) by quadrature on a fine grid in ln σ (float64)."""
+    t = torch.linspace(-12.0, 12.0, 200_001, dtype=torch.float64)
+    z = (t - law_mean) / loss.P_std
+    density = torch.exp(-0.5 * z**2) / (loss.P_std * (2 * torch.pi) ** 0.5)
+    return float(torch.trapezoid(density * f(t.exp()), t))
+
+
+def test_tilted_weighting_has_edm_expected_loss_with_bounded_weights():
+    """Exact answer: under the mixture σ law that ``tilted`` draws from, its weights give seen pixels EDM's
+    σ law and hidden graded ones (σ² + σ_d²)/σ² in F units, i.e. in expectation the paper's loss."""
+    edm_h = 0.25 * math.exp(2 * 1.2**2 + 2 * 1.2)  # σ_d² E[σ⁻²] under EDM's σ law: 49.1
+    loss = AmbientLoss(weighting="tilted", hidden_scale=edm_h)
+    s = loss.tilt_share
+
+    def q(sigma, f):  # E_q[f] with q the mixture law
+        return (1 - s) * _quadrature(loss, f, loss.P_mean) + s * _quadrature(loss, f, loss.hidden_law[0])
+
+    for g in (lambda x: torch.ones_like(x), lambda x: x.log() ** 2, lambda x: 1 / (1 + x)):
+        seen = q(None, lambda x, g=g: loss.tilted_weights(x)[0] * g(x))
+        hidden = q(None, lambda x, g=g: loss.tilted_weights(x)[1] * g(x))
+        assert seen == pytest.approx(_quadrature(loss, g, loss.P_mean), rel=1e-6)
+        edm_hidden = _quadrature(loss, lambda x, g=g: (x**2 + 0.25) / x**2 * g(x), loss.P_mean)
+        assert hidden == pytest.approx(edm_hidden, rel=1e-6)
+    sig = torch.logspace(-4, 2, 1000, dtype=torch.float64)
+    ws, wh = loss.tilted_weights(sig)
+    assert float(ws.max()) <= 1 / (1 - s) + 1e-9 and float(wh.max()) <= (1 + loss.hidden_scale) / s + 1e-9
+    # the σ law: half the draws tilted to small σ (log-mean P_mean − 2 P_std²)
+    logs = loss.sample_sigma(200_000, gen(3)).log()
+    assert float(logs.mean()) == pytest.approx(loss.P_mean - s * 2 * loss.P_std**2, abs=0.02)
+
+
+def test_tilted_weighting_per_pixel_values_and_naive_keeps_edm():
+    y = torch.zeros(2, 1, 2, 2)
+    a = torch.tensor([[1.0, 1.0], [1.0, 0.0]]).expand(2, 1, 2, 2).contiguous()
+    a_hat = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(2, 1, 2, 2).contiguous()
+    sigma = torch.tensor([0.01, 2.0])
+    const = lambda x, s, m: torch.ones_like(x)  # noqa: E731 - error 1 on every pixel
+    loss = AmbientLoss(weighting="tilted", normalize="sum", hidden_scale=3.0)
+    ws, wh = loss.tilted_weights(sigma)
+    w = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    torch.testing.assert_close(loss(const, y, a, a_hat, sigma=sigma, noise=torch.zeros_like(y)), 2 * w * ws + 4 * wh)
+    naive = EDMLoss(weighting="tilted")
+    assert naive.weighting == "pixel"
+    torch.testing.assert_close(naive.sample_sigma(1000, gen(1)), EDMLoss().sample_sigma(1000, gen(1)))
+    with pytest.raises(ValueError, match="hidden_scale"):
+        AmbientLoss(weighting="tilted", hidden_scale=-1.0)

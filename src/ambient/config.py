@@ -122,8 +122,9 @@ class TrainConfig:
                 bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.loss_weighting not in (None, *WEIGHTINGS):
             bad("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
-        if self.loss_weighting == "pixel" and not self.mask_aware:
-            bad("loss_weighting", "pixel weighting matches the mask-aware scalings; it needs --mask-aware")
+        if self.loss_weighting in ("pixel", "tilted") and not self.mask_aware:
+            bad("loss_weighting", f"{self.loss_weighting} weighting matches the mask-aware scalings; it needs "
+                "--mask-aware")
         positive = ("batch", "lr", "kimg", "snapshot_kimg", "tick_kimg", "max_nonfinite")
         for name in positive:
             v = getattr(self, name)

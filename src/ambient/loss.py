@@ -29,6 +29,7 @@ images as if they were clean (the naive baseline on A ⊙ x0; the clean baseline
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ from ambient.corruption import Corruption, check_mask
 from ambient.data import augment_batch
 
 NORMALIZATIONS = ("mean", "sum")
-WEIGHTINGS = ("edm", "pixel")
+WEIGHTINGS = ("edm", "pixel", "tilted")
+# The tilted weighting's defaults: half the images draw σ from the hidden pixels' law.
+TILT_SHARE = 0.5
+HIDDEN_SCALE = 5.0  # h: the weight of the hidden pixels' loss at the tilted σ law (see AmbientLoss.tilted_weights)
 
 
 def check_loss_inputs(y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor) -> None:
@@ -89,7 +93,8 @@ class AmbientLoss:
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  normalize: str = "mean", *, further: Corruption | None = None, fixed_further: bool = False,
-                 seed: int = 0, weighting: str = "edm"):
+                 seed: int = 0, weighting: str = "edm", hidden_scale: float | None = None,
+                 tilt_share: float = TILT_SHARE, hidden_law: tuple[float, float] | None = None):
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if weighting not in WEIGHTINGS:
@@ -102,11 +107,41 @@ class AmbientLoss:
         self.normalize = normalize
         self.further = further if further is not None else Corruption()
         self.fixed_further, self.seed = bool(fixed_further), int(seed)
+        if not 0.0 < tilt_share < 1.0:
+            raise ValueError(f"tilt_share must be in (0, 1), got {tilt_share!r}")
+        self.tilt_share = float(tilt_share)
+        # h: edm's expected loss puts σ_d² E[σ⁻²] = σ_d² exp(2 P_std² − 2 P_mean) (49) on the tilted law
+        self.hidden_scale = HIDDEN_SCALE if hidden_scale is None else float(hidden_scale)
+        # the tilted law (log-mean, log-std): exp(N(P_mean, P_std²)) reweighted by σ⁻², as edm's w(σ) does
+        self.hidden_law = (self.P_mean - 2 * self.P_std**2, self.P_std) if hidden_law is None else \
+            (float(hidden_law[0]), float(hidden_law[1]))
+        if not self.hidden_law[1] > 0:
+            raise ValueError(f"hidden_law's log-std must be positive, got {self.hidden_law[1]!r}")
+        if not (math.isfinite(self.hidden_scale) and self.hidden_scale >= 0):
+            raise ValueError(f"hidden_scale must be finite and >= 0, got {hidden_scale!r}")
 
     def sample_sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """σ ~ exp(N(P_mean, P_std²)), shape (n,)."""
+        """σ ~ exp(N(P_mean, P_std²)), shape (n,); ``tilted``: from the mixture (1 − s)·that + s·(the hidden law),
+        s = ``tilt_share`` (one draw of z, then one uniform per image, in that order)."""
         z = torch.randn(n, generator=generator, device=device)
-        return (z * self.P_std + self.P_mean).exp()
+        if self.weighting != "tilted":
+            return (z * self.P_std + self.P_mean).exp()
+        tilt = torch.rand(n, generator=generator, device=device) < self.tilt_share
+        mean_h, std_h = self.hidden_law
+        return torch.where(tilt, z * std_h + mean_h, z * self.P_std + self.P_mean).exp()
+
+    def tilted_weights(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image weights (seen, hidden) of the ``tilted`` weighting in F units (multiply by w(σ) and by
+        1/σ_d²): seen pixels p_E/q, hidden graded ones (p_E + h·p_H)/q, with p_E the EDM σ law, p_H the tilted
+        one, q their mixture that σ was drawn from. In expectation the seen pixels follow EDM's loss exactly and
+        the hidden ones pixel's loss plus h × the same loss at the tilted σ law; with h = σ_d² E_p_E[σ⁻²]
+        (the default) that is edm's expected loss, estimated with bounded weights (≤ 1/(1 − s), (1 + h)/s)."""
+        mean_h, std_h = self.hidden_law
+        z_e = (sigma.log() - self.P_mean) / self.P_std
+        z_h = (sigma.log() - mean_h) / std_h
+        ratio = torch.exp(0.5 * (z_e**2 - z_h**2)) * (self.P_std / std_h)  # p_H / p_E (densities in ln σ)
+        q = (1.0 - self.tilt_share) + self.tilt_share * ratio  # q / p_E
+        return 1.0 / q, (1.0 + self.hidden_scale * ratio) / q
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         sd = self.sigma_data
@@ -126,9 +161,13 @@ class AmbientLoss:
         x_noisy = mask_hat * (y + sigma.reshape(n, 1, 1, 1) * noise)
         denoised = denoiser(x_noisy, sigma, mask_hat)
         err = (mask * (denoised.to(y.dtype) - y)) ** 2
-        pixel = self.weighting == "pixel"
+        pixel = self.weighting in ("pixel", "tilted")
         if pixel:  # w(σ) where the network sees the pixel, 1/σ_d² where not (c_out = σ_d there)
-            err = torch.where(mask_hat > 0, self.weight(sigma).reshape(n, 1, 1, 1), self.sigma_data ** -2) * err
+            seen, hidden = self.weight(sigma), torch.full_like(sigma, self.sigma_data ** -2)
+            if self.weighting == "tilted":
+                ws, wh = self.tilted_weights(sigma)
+                seen, hidden = seen * ws, hidden * wh
+            err = torch.where(mask_hat > 0, seen.reshape(n, 1, 1, 1), hidden.reshape(n, 1, 1, 1)) * err
         per_image = err.flatten(1).sum(dim=1)
         if self.normalize == "mean":
             per_image = per_image / mask.flatten(1).sum(dim=1).clamp_min(1.0)
@@ -164,6 +203,10 @@ class EDMLoss(AmbientLoss):
 
     mask_input = False
 
+    def __init__(self, *args, weighting: str = "edm", **kwargs):
+        # Nothing is hidden (A = Ã = 1): every weighting is EDM's loss; ``tilted`` keeps EDM's σ law too.
+        super().__init__(*args, weighting="pixel" if weighting == "tilted" else weighting, **kwargs)
+
     def __call__(self, denoiser: Callable, y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tensor,
                  generator: torch.Generator | None = None, *, sigma: torch.Tensor | None = None,
                  noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,10 +229,11 @@ OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
 
 def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
                   further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
-                  weighting: str = "edm") -> AmbientLoss:
+                  weighting: str = "edm", hidden_scale: float | None = None) -> AmbientLoss:
     """The loss object of a training objective (``ambient`` or ``naive``); the only place that
     looks at the objective's name."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
-                                 fixed_further=fixed_further, seed=seed, weighting=weighting)
+                                 fixed_further=fixed_further, seed=seed, weighting=weighting,
+                                 hidden_scale=hidden_scale)
