@@ -88,6 +88,14 @@ PATH_VALUES = [("a-file", "@file.txt"), ("empty-folder", "@empty-dir"), ("other-
                ("diffusers-folder", "@pretrained")]
 CHOICE_GARBAGE = [("empty", ""), ("bogus", "bogus")]
 
+# Templates that are folders of a kind (what the commands write); no command may add, change or remove a file in
+# one, except a command given a folder of its own kind as its output (a resume). The other templates (data, a
+# diffusers folder, a user's folders) may gain files when given as an output, but never lose or change one.
+KIND_FOLDERS = {"train-run": "train run", "naive-run": "train run", "em-run": "em run",
+                "finetune-run": "finetune run", "imported": "imported model"}
+OWN_OUTPUT = {("train", "outdir"): "train run", ("demo", "outdir"): "train run", ("em", "outdir"): "em run",
+              ("finetune", "outdir"): "finetune run"}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -337,7 +345,7 @@ CASE_ENV_DROP = ("AMBIENT_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WOR
                  "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
 
 
-def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 4 << 30) -> Result:
+def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 8 << 30) -> Result:
     """`ambient.cli.main(argv)` in this process, in `cwd`, with stdout/stderr captured."""
     from ambient.cli import main
 
@@ -435,6 +443,29 @@ def problems(case: Case, argv: list[str], result: Result, before: dict, after: d
         diff = tree_diff(before, after)
         if diff:
             found.append("refused but changed the case folder: " + "; ".join(diff))
+    elif result.code == 0:
+        found.extend(foreign_writes(case, argv, before, after))
+    return found
+
+
+def foreign_writes(case: Case, argv: list[str], before: dict, after: dict) -> list[str]:
+    """After a success: the copied templates are as they were, but for the fuzzed option's own output (a run
+    folder of the command's own kind: a resume; a plain file or a kind-less folder given to it: overwritten or
+    filled as asked)."""
+    value = argv[-1] if len(case.tokens) == 2 else None
+    found = []
+    for top in sorted({rel.split("/")[0] for rel in before}):
+        if top == value and (top not in KIND_FOLDERS or KIND_FOLDERS[top] == OWN_OUTPUT.get((case.command,
+                                                                                             case.param))):
+            continue
+        mine = {k: v for k, v in before.items() if k == top or k.startswith(top + "/")}
+        now = {k: v for k, v in after.items() if k == top or k.startswith(top + "/")}
+        if top not in KIND_FOLDERS:  # a data file or a user's folder: may gain files, never lose or change one
+            now = {k: v for k, v in now.items() if k in mine}
+        diff = tree_diff(mine, now)
+        if diff:
+            what = KIND_FOLDERS.get(top, "input")
+            found.append(f"exit 0 but wrote into {top} ({what}): " + "; ".join(diff))
     return found
 
 
