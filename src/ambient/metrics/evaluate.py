@@ -20,6 +20,7 @@ import torch
 
 from ambient import distributed as dist_utils
 from ambient.errors import AmbientInputError
+from ambient.folders import OTHER, describe, folder_kind_why
 from ambient.images import save_png
 from ambient.io import atomic_write_json
 from ambient.metrics.features import cached_features
@@ -201,6 +202,10 @@ def find_neighbors(
     Under torchrun the ranks share the featurisation and rank 0 does the rest (others: ``None``)."""
     if not -1.0 <= threshold <= 1.0:
         raise AmbientInputError(f"--threshold must be in [-1, 1], got {threshold}")
+    kind, why = folder_kind_why(out_dir)
+    if kind not in (None, OTHER):  # never write beside a run's or a model's files
+        raise AmbientInputError(f"--out {out_dir}: is {describe(kind)} ({why}); ambient neighbors writes into a new "
+                                "folder or one that no other ambient command wrote; choose another --out")
     x = load_image_set(samples, "--samples")
     y = load_image_set(train, "--train")
     if k < 1 or k > y.shape[0]:
