@@ -99,3 +99,32 @@ def test_cli_case_in_a_subprocess(case_id, templates, scratch):
     outcome = run_case(templates, case, scratch, subprocess_run=True)
     if outcome.problems:
         pytest.fail(outcome.report(), pytrace=False)
+
+
+def test_the_checks_catch_what_they_should():
+    """The invariants are not vacuous: an escaped exception, a traceback, a bad last line, a silent flag and a
+    refusal that leaves a file are each reported."""
+    from tests.helpers_fuzz import Result, problems
+
+    case = next(c for c in CASES if c.id == "train:--kimg=nan")
+    argv = case.argv()
+    same = {"out/x": ("file", 1, 2, "h")}
+    assert problems(case, argv, Result(2, "", "notice: x\nerror: --kimg: must be finite\n"), {}, {}) == []
+    assert problems(case, argv, Result(0, "done\n", ""), {}, {}) == []
+    bad = [Result("exception", "", "", "Traceback (most recent call last):\nOverflowError: x"),
+           Result(1, "", "error: --kimg nan\n"),
+           Result(2, "", "Traceback (most recent call last):\n  File x\nValueError: --kimg\nerror: --kimg nan\n"),
+           Result(2, "", "error: --kimg nan\n  more\n"),
+           Result(2, "", "error: something is wrong\n")]
+    for result in bad:
+        assert problems(case, argv, result, same, same), result
+    assert problems(case, argv, Result(2, "", "error: --kimg nan\n"), {}, same)  # a new file after a refusal
+    changed = {"out/x": ("file", 1, 3, "h")}
+    assert problems(case, argv, Result(2, "", "error: --kimg nan\n"), same, changed)  # an mtime changed
+    # after a success: a run of another kind gained a file → reported; the command's own run (a resume) → not
+    sample = next(c for c in CASES if c.id == "sample:--out=train-run")
+    run = {"train-run": ("dir",), "train-run/config.json": ("file", 1, 2, "h")}
+    grown = {**run, "train-run/000000.png": ("file", 1, 2, "p")}
+    assert problems(sample, sample.argv()[:-1] + ["train-run"], Result(0, "", ""), run, grown)
+    resume = next(c for c in CASES if c.id == "train:--outdir=train-run")
+    assert problems(resume, resume.argv()[:-1] + ["train-run"], Result(0, "", ""), run, grown) == []
