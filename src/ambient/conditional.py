@@ -32,6 +32,12 @@ def label_dim_for(cond: bool, data, spec: str) -> int:
     if data.labels is None:
         raise AmbientInputError(f"--cond: {spec} has no labels (they come from an EDM zip's dataset.json, a builtin "
                                 "dataset, an .npz 'labels' array or a folder of class subfolders)")
+    low = int(data.labels.min())
+    if low < 0:
+        unlabelled = int((data.labels < 0).sum())
+        what = "every image" if unlabelled == len(data.labels) else f"{unlabelled} of {len(data.labels)} images"
+        raise AmbientInputError(f"--cond: {spec} has negative labels ({what}, e.g. {low}: unlabelled?); class "
+                                "labels must be 0..K-1 (train without --cond, or give labels to every image)")
     return int(data.labels.max()) + 1
 
 
@@ -77,16 +83,36 @@ def model_label_dim(loaded) -> int:
     return int(getattr(loaded.model, "label_dim", 0) or 0) if loaded.model is not None else 0
 
 
-def check_classes(loaded, classes: list[int] | None) -> None:
+def check_classes(loaded, classes: list[int] | None, flag: str = "--class") -> None:
     """Refuse unconditional sampling of a conditional model, and classes for an unconditional one."""
     label_dim = model_label_dim(loaded)
     if label_dim and not classes:
         raise AmbientInputError(f"--class: {loaded.path} is class-conditional ({label_dim} classes); give "
                                 f"--class K (0..{label_dim - 1}) or --classes")
     if classes and not label_dim:
-        raise AmbientInputError(f"--class: {loaded.path} is not class-conditional")
-    if classes and not all(0 <= c < label_dim for c in classes):
-        raise AmbientInputError(f"--class: classes must be in 0..{label_dim - 1}, got {sorted(set(classes))}")
+        raise AmbientInputError(f"{flag}: {loaded.path} is not class-conditional")
+    bad = [c for c in classes or () if not 0 <= c < label_dim]
+    if bad:
+        raise AmbientInputError(f"{flag}: classes must be in 0..{label_dim - 1}, got {bad[0]}")
+
+
+def resolve_classes(loaded, class_idx: int | None, classes_text: str | None) -> list[int] | None:
+    """The classes asked by ``ambient sample --class K`` or ``--classes LIST|all`` for model ``loaded``,
+    checked against it (None: unconditional sampling). Errors name the flag given."""
+    from ambient.generate import parse_int_list
+
+    if class_idx is not None and classes_text is not None:
+        raise AmbientInputError("--class: give either --class or --classes, not both")
+    label_dim = model_label_dim(loaded)
+    if classes_text is None:
+        classes = None if class_idx is None else [class_idx]
+        check_classes(loaded, classes, "--class")
+        return classes
+    if not label_dim:
+        raise AmbientInputError(f"--classes: {loaded.path} is not class-conditional")
+    if str(classes_text).strip() == "all":
+        return list(range(label_dim))
+    return parse_int_list(classes_text, flag="--classes", noun="class", max_value=label_dim - 1)
 
 
 def sample_classes(loaded, seeds: list[int], classes: list[int], sample_fn, **kwargs) -> torch.Tensor | None:

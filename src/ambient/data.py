@@ -224,6 +224,21 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, max_si
         corruption=corruption, seed=seed, source=str(spec))
 
 
+def check_masks(data: ImageDataset, spec: str, flag: str = "--data") -> str | None:
+    """Refuse data whose masks hide every pixel (one line naming the data); return a one-line notice
+    when they hide none (None otherwise, and for data without masks)."""
+    if not data.has_data_masks:
+        return None
+    share = data.observed_share
+    if share == 0:
+        raise AmbientInputError(f"{flag} {spec}: every mask is all zero (no pixel is observed), so there is nothing "
+                                "to learn from; check the masks (1 = observed)")
+    if share == 1:
+        return (f"notice: {flag} {spec}: every mask is all one, so nothing is hidden (the images are used as "
+                "clean ones)")
+    return None
+
+
 def load_images(spec: str, data_dir: str | os.PathLike | None = None, max_size: int | None = None,
                 resolution: int | None = None) -> torch.Tensor:
     """The images of ``spec`` as uint8 (N, C, H, W), as stored (no masks applied), e.g. for metrics."""

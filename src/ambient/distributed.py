@@ -138,10 +138,27 @@ def compile_regions(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
-    """``auto`` → cuda if available else cpu; otherwise the named torch device (one-line error if unknown)."""
+    """``auto`` → cuda if available else cpu; otherwise the named device, which must be a CPU, a CUDA
+    device this torch can use, or an available ``mps``. One-line AmbientInputError naming ``flag`` if not."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise AmbientInputError(f"{flag} {name!r}: not a torch device") from None
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise AmbientInputError(f"{flag} {name!r}: not a torch device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise AmbientInputError(f"{flag} {name}: this torch is a CPU-only build (no CUDA); use --device cpu, "
+                                    "or install a torch build for your CUDA")
+        if not torch.cuda.is_available():
+            raise AmbientInputError(f"{flag} {name}: no CUDA device is available to this torch; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise AmbientInputError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise AmbientInputError(f"{flag} {name}: MPS is not available to this torch; use --device cpu")
+    elif device.type != "cpu":
+        raise AmbientInputError(f"{flag} {name}: device type {device.type!r} is not supported "
+                                "(auto, cpu, cuda or cuda:N)")
+    return device

@@ -34,13 +34,14 @@ import torch
 
 from ambient.config import ARCHS, TrainConfig, dataclass_from_dict
 from ambient.corruption import PATTERNS, Corruption, mix_seed
-from ambient.data import ImageDataset, load_dataset
+from ambient.data import ImageDataset, check_masks, load_dataset
+from ambient.distributed import resolve_device
 from ambient.em_gaussian import NOISES, GaussianPrior, fit_gaussian
 from ambient.em_steps import ambient_mean, fingerprint, mmps_samples, read_npz, subset, to_hwc
 from ambient.errors import AmbientInputError
 from ambient.folders import EM_RUN, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl
-from ambient.model import MODEL_POINTER, load_model
+from ambient.model import MODEL_POINTER, load_model, reimport_hint
 
 _SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
 LAP0 = ("mean", "sample")
@@ -141,12 +142,16 @@ class EMRun:
         self.cfg = cfg.validate()
         self.root = Path(cfg.outdir)
         claim_outdir(self.root, EM_RUN, command="ambient em")
+        resolve_device(cfg.device)  # checked now, not at the first M-step (after lap 0 wrote its files)
         self.log = log
         self.progress = progress
         data = load_observations(cfg)
         if not data.has_data_masks and cfg.corruption_probability == 0:
             raise AmbientInputError(f"--data {cfg.data}: no masks and --corruption-probability 0, so nothing is "
                                     "hidden (give observations with masks, or a probability to draw them)")
+        notice = check_masks(data, cfg.data)
+        if notice:
+            log(notice)
         _ = data.resolution  # non-square images: a one-line error now, not after lap 0
         if cfg.estep_size is not None and cfg.estep_size > len(data):
             raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(data)} observations "
@@ -156,6 +161,10 @@ class EMRun:
         self.meta = {"fingerprint": fingerprint(self.y, self.mask), "num_images": len(data),
                      "shape": list(data.shape), "observed_share": float(self.mask.mean())}
         self.init_model = self._load_init() if cfg.init is not None else None
+        pixels = self.y[0].numel()
+        if self.cfg.rank > pixels:  # the Gaussian's rank cannot exceed the pixel count: record the rank used
+            log(f"notice: --rank {self.cfg.rank}: the observations have {pixels} pixels; using rank {pixels}")
+            self.cfg = replace(self.cfg, rank=pixels)
         self._check_resume()
 
     def _load_init(self):
@@ -165,7 +174,11 @@ class EMRun:
             raise AmbientInputError(str(exc).replace("--model", "--init", 1)) from None
         if not loaded.sampling.uses_masks or loaded.model is None or not loaded.model.mask_channels:
             raise AmbientInputError(f"--init {self.cfg.init}: not an ambient (mask-input) model; lap 0 starts from "
-                                    "an ambient model's posterior mean")
+                                    f"an ambient model's posterior mean{reimport_hint(loaded)}")
+        if loaded.model.label_dim:
+            raise AmbientInputError(f"--init {self.cfg.init}: a class-conditional model ({loaded.model.label_dim} "
+                                    "classes); lap 0 completes unlabelled observations, so --init takes an "
+                                    "unconditional ambient model")
         if tuple(loaded.image_shape) != tuple(self.data.shape):
             raise AmbientInputError(f"--init {self.cfg.init}: trained on images of shape {loaded.image_shape}, the "
                                     f"observations are {tuple(self.data.shape)}")
@@ -203,6 +216,8 @@ class EMRun:
         old, meta = saved.get("em", {}), saved.get("data", {})
         if old and "lap0" not in old:  # runs from before the lap0 option drew exact Gaussian posterior samples
             old["lap0"] = "sample"
+        if isinstance(old.get("rank"), int) and old["rank"] > self.y[0].numel():  # recorded as given, before
+            old["rank"] = self.y[0].numel()  # runs recorded the rank used
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
@@ -276,7 +291,7 @@ class EMRun:
             z = read_npz(path)
             return GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
         fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
-        prior, history = fit_gaussian(self.y[fit], self.mask[fit], min(cfg.rank, self.y[0].numel()),
+        prior, history = fit_gaussian(self.y[fit], self.mask[fit], cfg.rank,
                                       cfg.gaussian_iters, noise=cfg.gaussian_noise,
                                       callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
         atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
@@ -289,8 +304,6 @@ class EMRun:
         parts = out.with_suffix(".parts")
         idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, lap)
         if not out.is_file():
-            from ambient.distributed import resolve_device
-
             device = resolve_device(cfg.device)
             loaded = load_model(self.lap_dir(lap - 1), device=device)
             parts.mkdir(parents=True, exist_ok=True)

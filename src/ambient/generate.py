@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from ambient import distributed as dist_utils
+from ambient.errors import AmbientInputError
+from ambient.folders import describe, folder_kind
 from ambient.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
 from ambient.io import atomic_folder
 from ambient.model import LoadedModel
@@ -37,6 +39,61 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
         batches = tqdm(batches, total=-(-len(seeds) // batch), unit="batch", desc="sampling")
     out = [images.cpu() for _, images in batches]
     return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+MAX_SEED = 2**63 - 1  # seeds are mixed as 64-bit integers (ambient.corruption.mix_seed): larger ones would wrap
+MAX_IMAGES = 10_000_000  # images per call: a longer seed list is refused before it is built
+
+
+def parse_int_list(text: str, *, flag: str, noun: str = "seed", max_value: int = MAX_SEED,
+                   max_count: int = MAX_IMAGES) -> list[int]:
+    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (ranges inclusive), in the order given.
+
+    Every value must lie in 0..``max_value`` and the list may hold at most ``max_count`` values; both are
+    checked before the list is built. Errors quote ``flag`` and the part of ``text`` as given (one line).
+    """
+    spans, total = [], 0
+    for raw in str(text).split(","):
+        part = raw.strip()
+        shown = part if len(part) <= 60 else part[:57] + "..."
+        lo, dash, hi = part.partition("-")
+        if not all(v.isascii() and v.isdigit() and len(v) <= 30 for v in ((lo, hi) if dash else (lo,))):
+            raise AmbientInputError(f"{flag} {shown!r}: not a {noun} or a range a-b (e.g. 0-49999 or 0,5,10-19)")
+        a, b = int(lo), int(hi if dash else lo)
+        if b < a:
+            raise AmbientInputError(f"{flag} {shown!r}: the range ends before it starts")
+        if b > max_value:
+            raise AmbientInputError(f"{flag} {shown!r}: {noun} values must be in 0..{max_value}")
+        total += b - a + 1
+        if total > max_count:
+            raise AmbientInputError(f"{flag}: more than {max_count} values (at {shown!r}); split the call")
+        spans.append((a, b))
+    return [v for a, b in spans for v in range(a, b + 1)]
+
+
+def seed_range(first: int, num: int, *, flag: str = "--seed") -> list[int]:
+    """Seeds ``first .. first + num - 1``, checked like :func:`parse_int_list` before the list is built."""
+    if num > MAX_IMAGES:
+        raise AmbientInputError(f"--num-images {num}: more than {MAX_IMAGES} images; split the call")
+    if first < 0 or first + num - 1 > MAX_SEED:
+        raise AmbientInputError(f"{flag} {first}: seeds must be in 0..{MAX_SEED} (with --num-images {num})")
+    return list(range(first, first + num))
+
+
+def check_sample_out(out: str | os.PathLike) -> Path:
+    """Refuse, before sampling, an ``--out`` that :func:`write_samples` could not write (one line)."""
+    out = Path(out)
+    if out.suffix == ".npz":
+        if out.is_dir():
+            raise AmbientInputError(f"--out {out}: is a folder, not a .npz file")
+        return out
+    if out.exists() and not out.is_dir():
+        raise AmbientInputError(f"--out {out}: is an existing file; give a new folder (PNGs) or a .npz path")
+    if out.is_dir() and any(out.iterdir()):
+        kind = folder_kind(out)
+        what = f" (it is {describe(kind)})" if kind else ""
+        raise AmbientInputError(f"--out {out}: folder exists and is not empty{what}; give a new or empty folder")
+    return out
 
 
 def sample_distributed(loaded: LoadedModel, seeds: list[int], **kwargs) -> torch.Tensor | None:

@@ -30,7 +30,7 @@ from ambient.corruption import PATTERNS, Corruption
 from ambient.errors import AmbientInputError
 from ambient.folders import IMPORTED_MODEL, describe, folder_kind, stamped
 from ambient.songunet import SongUNetConfig
-from ambient.statedict import load_state_dict_strict
+from ambient.statedict import check_finite, load_state_dict_strict
 
 _SONG_KEYS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions",
               "dropout", "label_dropout", "channel_mult_noise", "resample_filter", "augment_dim", "gated",
@@ -197,10 +197,19 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
                                     f"{options['class_name']!r}; only EDMPrecond is supported")
     ckpt = read_checkpoint(pkl)
     sd = ckpt["state_dict"]
+    check_finite(sd, f"--pkl {pkl}")
     song = infer_config(sd, {**ckpt["init_kwargs"], **options})
     c = song.out_channels // 2 if song.in_channels == song.out_channels and song.out_channels in (2, 6) \
         else song.out_channels
     mask_channels = song.in_channels == 2 * c
+    # the reference records img_channels with the mask channels (2c), EDM without them (c)
+    for key, allowed in (("img_channels", {c, song.in_channels}), ("label_dim", {song.label_dim})):
+        for where in (options, top):
+            given = where.get(key)
+            if given is not None and given not in allowed:
+                raise AmbientInputError(f"--training-options {training_options}: {key}={given!r} but the weights "
+                                        f"have {key}={' or '.join(map(str, sorted(allowed)))}; give the training "
+                                        "options of this checkpoint")
     res = int(top.get("img_resolution") or ckpt["dataset_kwargs"].get("resolution") or song.img_resolution)
     if res != song.img_resolution:
         raise AmbientInputError(f"the checkpoint says resolution {res} but the weights are for {song.img_resolution}")

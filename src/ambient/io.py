@@ -123,7 +123,9 @@ def atomic_folder(path: str | os.PathLike, *, flag: str = "--out") -> Iterator[P
     Errors name ``flag``: a non-empty target, or an OSError while building or renaming.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise AmbientInputError(f"{flag} {path}: is an existing file, not a folder")
+    if path.exists() and any(path.iterdir()):
         raise AmbientInputError(f"{flag} {path}: folder exists and is not empty")
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:

@@ -154,6 +154,17 @@ class LoadedModel:
     image_shape: tuple[int, int, int] = (1, 28, 28)
 
 
+def reimport_hint(loaded: LoadedModel) -> str:
+    """For a model imported without a corruption probability (its sampler shows every pixel although the
+    network takes masks): a hint to import it again with one; else ""."""
+    if "imported" in loaded.config and loaded.model is not None and loaded.model.mask_channels \
+            and not loaded.sampling.uses_masks:
+        return (f" ({loaded.path} was imported without a corruption probability, so it is used as a full-image "
+                "model; if it was trained on corrupted data, run ambient import again with "
+                "--corruption-probability and --delta-probability as it was trained)")
+    return ""
+
+
 def _is_finetune_export(p: Path) -> bool:
     import json
 

@@ -29,9 +29,10 @@ from ambient.config import dataclass_from_dict
 from ambient.corruption import mix_seed
 from ambient.data import ImageDataset
 from ambient.errors import AmbientInputError
+from ambient.generate import MAX_SEED
 from ambient.images import float_to_uint8, save_grid
 from ambient.io import atomic_save_npz
-from ambient.model import LoadedModel
+from ambient.model import LoadedModel, reimport_hint
 from ambient.operators import MaskOperator
 from ambient.posterior import DPS, MMPS, AmbientMean, Projection
 from ambient.sampling import _NOISE_STREAM, model_sigmas
@@ -62,6 +63,7 @@ class RestoreConfig:
                   ("--cg-iters", _is_int(self.cg_iters, 1), "must be an integer >= 1"),
                   ("--num-per-image", _is_int(self.num_per_image, 1), "must be an integer >= 1"),
                   ("--sigma-y", math.isfinite(self.sigma_y) and self.sigma_y >= 0, "must be >= 0"),
+                  ("--seed", _is_int(self.seed, 0) and self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
                   ("--batch", _is_int(self.batch, 1), "must be an integer >= 1"),
                   ("--dps-step", math.isfinite(self.dps_step) and self.dps_step > 0, "must be > 0"),
                   ("--solver", self.solver in SOLVERS, f"must be one of {', '.join(SOLVERS)}")]
@@ -116,7 +118,8 @@ def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
                                 "naive-trained model")
     if not mask_input and cfg.method == "ambient-mean":
         raise AmbientInputError(f"--method ambient-mean: needs a mask-input (ambient) model, but --model "
-                                f"{model_name} is a full-image denoiser; use mmps, dps or project")
+                                f"{model_name} is a full-image denoiser; use mmps, dps or project"
+                                f"{reimport_hint(loaded)}")
 
 
 def posterior_denoiser(denoiser, cfg: RestoreConfig, y: torch.Tensor, mask: torch.Tensor):

@@ -104,4 +104,13 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
                 if names]
     if problems:
         raise AmbientInputError(f"checkpoint {source} does not match the model: {'; '.join(problems)}")
+    check_finite(state_dict, f"checkpoint {source}")
     module.load_state_dict(state_dict, strict=True)
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """One-line AmbientInputError naming ``where`` and the tensors that hold NaN or inf values."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AmbientInputError(f"{where}: non-finite weights (NaN or inf) in {_some(bad)}; the model is damaged "
+                                "(e.g. saved after training diverged)")

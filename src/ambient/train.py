@@ -26,7 +26,7 @@ from ambient.checkpoint import load_snapshot, save_snapshot, snapshot_name
 from ambient.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
 from ambient.config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.corruption import Corruption, mix_seed
-from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
+from ambient.data import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.folders import TRAIN_RUN, TRAIN_SNAPSHOT, check_readable_as, claim_outdir, stamped
 from ambient.io import atomic_write_json
@@ -193,14 +193,18 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
     world = dist_utils.world_size_from_env()  # checked before joining, so every rank fails alike
     if cfg.batch % world:
         raise AmbientInputError(f"--batch {cfg.batch} is not divisible by the world size {world}")
+    device = dist_utils.resolve_device(cfg.device)  # a device this torch cannot use: refused before anything
     env = dist_utils.init_from_env(cfg.device)
-    device = env.device if env.world_size > 1 else dist_utils.resolve_device(cfg.device)
+    device = env.device if env.world_size > 1 else device
     source = _resume_source(cfg, outdir)
     skipped = skipped_snapshots_notice(outdir, source) if cfg.resume in (None, RESUME_LATEST) else None
     if env.rank == 0 and skipped:
         log(skipped)
     cfg = _resolve_loss_weighting(cfg, source)
     cfg, data, law = _load_data_with_law(cfg, source)
+    notice = check_masks(data, cfg.data)
+    if env.rank == 0 and notice:
+        log(notice)
     model_cfg = model_config_for(cfg, data)
     loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
                             further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed,

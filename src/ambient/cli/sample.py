@@ -10,18 +10,10 @@ from ambient.sampling import CLIPS, SOLVERS
 
 
 def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
-    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (ranges inclusive), in the order given."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        lo, dash, hi = part.partition("-")
-        if not (lo.isdigit() and (not dash or hi.isdigit())):
-            raise click.BadParameter(f"{part!r} is not a seed or a range a-b (e.g. 0-49999 or 0,5,10-19)",
-                                     param_hint=flag)
-        if dash and int(hi) < int(lo):
-            raise click.BadParameter(f"range {part!r} ends before it starts", param_hint=flag)
-        seeds.extend(range(int(lo), int(hi if dash else lo) + 1))
-    return seeds
+    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (see :func:`ambient.generate.parse_int_list`)."""
+    from ambient.generate import parse_int_list
+
+    return parse_int_list(text, flag=flag)
 
 
 @click.command("sample")
@@ -54,10 +46,9 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
 def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance_scale, batch, solver, clip, ema,
                    device, class_idx, classes_text):
     """Generate images from a trained model with the ambient sampler."""
-    import torch
-
-    from ambient.conditional import check_classes, model_label_dim, sample_classes
-    from ambient.generate import sample_distributed, write_samples
+    from ambient.conditional import resolve_classes, sample_classes
+    from ambient.distributed import resolve_device
+    from ambient.generate import check_sample_out, sample_distributed, seed_range, write_samples
     from ambient.model import load_model
 
     if seeds_text is not None:
@@ -67,17 +58,15 @@ def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance
     elif num is None:
         raise click.UsageError("Missing option '--num-images' (or give --seeds)")
     else:
-        seeds = list(range(seed or 0, (seed or 0) + num))
+        seeds = seed_range(seed or 0, num)
     if guidance_scale > 0 and num_masks < 2:
         raise click.BadParameter("needs --num-masks >= 2", param_hint="--guidance-scale")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if class_idx is not None and classes_text is not None:
         raise click.BadParameter("give either --class or --classes, not both", param_hint="--class")
+    check_sample_out(out)
+    dev = resolve_device(device)
     loaded = load_model(model, use_ema=ema, device=dev)
-    label_dim = model_label_dim(loaded)
-    classes = ([class_idx] if class_idx is not None else list(range(label_dim)) if classes_text == "all"
-               else parse_seeds(classes_text, "--classes") if classes_text is not None else None)
-    check_classes(loaded, classes)
+    classes = resolve_classes(loaded, class_idx, classes_text)
     kwargs = dict(batch=batch, num_steps=steps, num_masks=num_masks, guidance_scale=guidance_scale, solver=solver,
                   clip=clip, device=dev, progress=True)
     images = (sample_classes(loaded, seeds, classes, sample_distributed, **kwargs) if classes

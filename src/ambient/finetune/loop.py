@@ -26,7 +26,7 @@ import torch
 
 from ambient.checkpoint import load_snapshot, save_snapshot, snapshot_name
 from ambient.corruption import mix_seed
-from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
+from ambient.data import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.finetune.config import IDENTITY_KEYS, FinetuneConfig
@@ -70,6 +70,7 @@ def load_data(config: FinetuneConfig, saved_full_rgb: bool | None = None) -> tup
             raise AmbientInputError(f"--corruption-probability {corr.p}: the data {config.data} comes with "
                                     "masks; leave it at 0")
         ds.corruption = corr  # kept for δ only; never draws A
+        check_masks(ds, config.data)  # all-zero masks: refused (the notice for all-one ones is the caller's)
     full_rgb, _ = resolve_mask_full_rgb(config.mask_full_rgb, ds, saved_full_rgb)
     return replace(config, mask_full_rgb=full_rgb), ds
 
