@@ -69,9 +69,19 @@ BASE = {
     "em": ["--data", "@obs.npz", "--outdir", "@new/out", *TINY_EM],
 }
 
-# Options of the base command to leave out while one option is fuzzed (they would conflict with every value).
+TINY_DDPMPP = ["--arch", "ddpmpp-cifar", "--arch-kwargs",
+               json.dumps({"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []})]
+COND_TRAIN = ["--data", "@labelled.npz", "--cond", *TINY_DDPMPP]
+
+# While one option is fuzzed: options of the base command to leave out (they would conflict with every value),
+# and options to set instead of the base's (the option only means something with them: a conditional model).
 DROP_WHILE_FUZZING = {
     ("sample", "seeds_text"): ("num",),
+}
+SET_WHILE_FUZZING = {
+    ("sample", "class_idx"): ["--model", "@cond-run"],
+    ("sample", "classes_text"): ["--model", "@cond-run"],
+    ("train", "cond"): COND_TRAIN,
 }
 
 INT_VALUES = [("empty", ""), ("negative", "-1"), ("zero", "0"), ("fraction", "1.5"), ("nan", "nan"),
@@ -84,14 +94,14 @@ STRING_VALUES = [("empty", ""), ("negative", "-1"), ("nan", "nan"), ("unicode", 
 PATH_VALUES = [("a-file", "@file.txt"), ("empty-folder", "@empty-dir"), ("other-folder", "@other-dir"),
                ("missing", "@new/missing"), ("under-a-file", "@file.txt/sub"), ("data-npz", "@data.npz"),
                ("observations-npz", "@obs.npz"), ("train-run", "@train-run"), ("em-run", "@em-run"),
-               ("finetune-run", "@finetune-run"), ("imported-model", "@imported"),
+               ("conditional-run", "@cond-run"), ("finetune-run", "@finetune-run"), ("imported-model", "@imported"),
                ("diffusers-folder", "@pretrained")]
 CHOICE_GARBAGE = [("empty", ""), ("bogus", "bogus")]
 
 # Templates that are folders of a kind (what the commands write); no command may add, change or remove a file in
 # one, except a command given a folder of its own kind as its output (a resume). The other templates (data, a
 # diffusers folder, a user's folders) may gain files when given as an output, but never lose or change one.
-KIND_FOLDERS = {"train-run": "train run", "naive-run": "train run", "em-run": "em run",
+KIND_FOLDERS = {"train-run": "train run", "naive-run": "train run", "cond-run": "train run", "em-run": "em run",
                 "finetune-run": "finetune run", "imported": "imported model"}
 OWN_OUTPUT = {("train", "outdir"): "train run", ("demo", "outdir"): "train run", ("em", "outdir"): "em run",
               ("finetune", "outdir"): "finetune run"}
@@ -113,9 +123,11 @@ class Case:
     def argv(self) -> list[str]:
         """The base command line without the fuzzed option (and its conflicts), then the fuzzed tokens."""
         command = leaf_commands()[self.command]
-        drop = {self.param, *DROP_WHILE_FUZZING.get((self.command, self.param), ())}
+        changes = split_argv(command, SET_WHILE_FUZZING.get((self.command, self.param), []))
+        drop = {self.param, *DROP_WHILE_FUZZING.get((self.command, self.param), ()), *(p for p, _ in changes)}
         kept = [tok for param, toks in split_argv(command, BASE[self.command]) if param not in drop for tok in toks]
-        return [*self.command.split(), *kept, *self.tokens]
+        changed = [tok for param, toks in changes if param != self.param for tok in toks]
+        return [*self.command.split(), *kept, *changed, *self.tokens]
 
 
 def leaf_commands(group: click.Group | None = None, prefix: str = "") -> dict[str, click.Command]:
@@ -261,6 +273,15 @@ class Templates:
             self.get("data.npz")
             extra = ["--objective", "naive", "--corruption-probability", "0.3"] if name == "naive-run" else []
             self._cli(["train", "--data", "data.npz", "--outdir", name, "--kimg", "0.008", *extra, *TINY_TRAIN])
+        elif name == "labelled.npz":  # two classes: dark and bright images
+            labels = np.arange(24) % 2
+            np.savez(path, images=np.where(labels[:, None, None] == 0, 40, 200).astype(np.uint8) + blobs(24, 8, 1) // 8,
+                     labels=labels)
+        elif name == "cond-run":
+            self.get("labelled.npz")
+            argv = ["train", "--data", "labelled.npz", "--outdir", name, "--kimg", "0.008", *TINY_TRAIN]
+            argv[argv.index("--arch"):argv.index("--arch") + 2] = []
+            self._cli([*argv, "--cond", *TINY_DDPMPP])
         elif name == "em-run":
             self.get("obs.npz")
             self._cli(["em", "--data", "obs.npz", "--outdir", name, *TINY_EM])
