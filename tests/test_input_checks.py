@@ -257,3 +257,24 @@ def test_contradictory_training_options_are_refused(key, value, tmp_path, capsys
                         "--out", str(tmp_path / "m")], capsys)
     assert refused(code, err, f"--training-options {path}", f"{key}={value}")
     assert not (tmp_path / "m").exists()
+
+
+def test_non_finite_weights_of_a_finetuned_model_are_refused_at_load(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    from ambient import folders
+    from tests.test_finetune import save_npz, save_pipeline, tiny_unet
+
+    pre = save_pipeline(tmp_path / "pre", tiny_unet())
+    out = tmp_path / "ft"
+    code, _, err = run(["finetune", "--pretrained", str(pre), "--data", save_npz(tmp_path / "d.npz"),
+                        "--outdir", str(out), "--steps", "1", "--batch", "2", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert folders.folder_kind(out) == folders.FINETUNE_RUN
+    unet = UNet2DModel.from_pretrained(str(out / "unet"))
+    with torch.no_grad():
+        next(unet.parameters()).fill_(float("inf"))
+    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    capsys.readouterr()  # diffusers' own warnings while loading above
+    code, _, err = run(["sample", "--model", str(out), "--num", "1", "--out", str(tmp_path / "s.npz")], capsys)
+    assert refused(code, err, f"--model {out}", "non-finite")

@@ -37,10 +37,12 @@ from ambient.finetune.config import TIMESTEP_MODES
 from ambient.finetune.objective import HIDDEN_X0, x0_from_output
 from ambient.finetune.pretrained import EMBEDDING_FILE, MaskedUNet, load_embedding, unet_class
 from ambient.finetune.schedule import SPACINGS, DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod
+from ambient.folders import FINETUNE_RUN, stamped
 from ambient.io import atomic_write_json
+from ambient.statedict import check_finite
 
 __all__ = ["KIND", "SPACINGS", "FinetunedDenoiser", "export_finetuned", "load_finetuned"]
-KIND = "finetune"
+KIND = FINETUNE_RUN  # the kind recorded in the exported config.json (ambient.folders)
 
 
 class FinetunedDenoiser(MaskDenoiser):
@@ -134,7 +136,7 @@ def export_finetuned(outdir: str | os.PathLike, net: MaskedUNet, scheduler, conf
         atomic_write_json(out / "model_index.json", {
             "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]})
-    atomic_write_json(out / "config.json", {**config, "kind": KIND, "ambient_version": __version__})
+    atomic_write_json(out / "config.json", stamped({**config, "ambient_version": __version__}, KIND))
     return out
 
 
@@ -165,6 +167,7 @@ def load_finetuned(path: str | os.PathLike, *, device: str | torch.device = "cpu
         if cls.__name__ == "UNet2DConditionModel" and embedding is None:
             raise AmbientInputError(f"--model {root}: no {EMBEDDING_FILE} for its conditional UNet")
         net = MaskedUNet(unet, int(model["img_channels"]), model["mask_mode"], embedding)
+        check_finite(unet.state_dict(), f"--model {root}")
         sampling = cfg.get("sampling") or {}
         corruption = Corruption.from_dict(sampling["corruption"]) if sampling.get("corruption") else None
         den = FinetunedDenoiser(net, alphas_cumprod(scheduler), model["prediction_type"], model["hidden_x0"],
