@@ -204,3 +204,26 @@ def test_import_records_its_kind_and_train_cannot_overwrite_it(tmp_path, capsys)
     code, _, err = run(["train", "--data", str(data), "--outdir", str(out), "--kimg", "0.008", *TINY], capsys)
     assert_refused(code, err, "imported model")
     assert tree(out) == before
+
+
+def test_readers_name_the_kind_of_a_folder_that_holds_no_model(train_run, tmp_path, capsys):
+    data, run_dir = train_run
+    em = fake_em_run(tmp_path / "em")
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    (pngs / "000000.png").write_bytes(b"png")
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(tmp_path / "t"), "--init", str(em), *TINY],
+                       capsys)
+    assert_refused(code, err, f"--init {em}", "em run")
+    assert not (tmp_path / "t").exists()
+    code, _, err = run(["sample", "--model", str(pngs), "--num", "1", "--out", str(tmp_path / "s.npz")], capsys)
+    assert_refused(code, err, f"--model {pngs}", "sampled images")
+    code, _, err = run(["finetune", "--pretrained", str(run_dir), "--data", str(data), "--outdir",
+                        str(tmp_path / "ft"), "--steps", "1", "--device", "cpu"], capsys)
+    assert_refused(code, err, f"--pretrained {run_dir}", "train run")
+    assert not (tmp_path / "ft").exists()
+    snap = next(run_dir.glob("snapshot-*"))
+    before = tree(run_dir)
+    code, _, err = run(["sample", "--model", str(run_dir), "--num", "1", "--out", str(snap)], capsys)
+    assert_refused(code, err, f"--out {snap}", "snapshot of a train run")
+    assert tree(run_dir) == before

@@ -85,8 +85,12 @@ def _local_layout(root: Path, flag: str) -> tuple[Path, Path]:
     elif (root / "config.json").is_file() and (root / WEIGHTS_FILE).is_file():
         unet_dir = root
     else:
+        from ambient.folders import describe, folder_kind
+
+        kind = folder_kind(root) if root.is_dir() else None
+        what = f"; it is {describe(kind)}" if kind else ""
         raise AmbientInputError(f"{flag} {root}: not a diffusers folder (no unet/config.json, "
-                                f"and no config.json + {WEIGHTS_FILE})")
+                                f"and no config.json + {WEIGHTS_FILE}){what}")
     if not (unet_dir / WEIGHTS_FILE).is_file():
         raise AmbientInputError(f"{flag} {unet_dir}: no {WEIGHTS_FILE} (only safetensors weights are loaded)")
     for cand in (root / "scheduler", unet_dir / "scheduler", unet_dir, root):
