@@ -278,3 +278,12 @@ def test_non_finite_weights_of_a_finetuned_model_are_refused_at_load(tmp_path, c
     capsys.readouterr()  # diffusers' own warnings while loading above
     code, _, err = run(["sample", "--model", str(out), "--num", "1", "--out", str(tmp_path / "s.npz")], capsys)
     assert refused(code, err, f"--model {out}", "non-finite")
+
+
+def test_restore_out_that_is_the_data_file_is_refused(tmp_path, capsys, models):
+    obs = observations(tmp_path / "obs.npz")
+    before = obs.read_bytes()
+    code, _, err = run(["restore", "--model", str(models["plain"]), "--data", str(obs), "--out", str(obs),
+                        "--method", "ambient-mean", "--device", "cpu"], capsys)
+    assert refused(code, err, f"--out {obs}", "--data file")
+    assert obs.read_bytes() == before

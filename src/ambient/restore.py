@@ -199,6 +199,20 @@ def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreCon
     return Restored(images, index, max(g[2] for g in gathered), calls)
 
 
+def check_restore_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, an ``--out`` that is not a .npz file path, or that is the ``--data`` file itself
+    or its grid PNG's name (one line naming --out)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise AmbientInputError(f"--out {out}: must be a .npz file")
+    if out.is_dir():
+        raise AmbientInputError(f"--out {out}: is a folder")
+    if data is not None and out.exists() and Path(data).exists() and out.resolve() == Path(data).resolve():
+        raise AmbientInputError(f"--out {out}: is the --data file itself; restoring would overwrite the "
+                                "observations; choose another --out")
+    return out
+
+
 def grid_path_for(out: Path) -> Path:
     return out.with_name(out.stem + "_grid.png")
 

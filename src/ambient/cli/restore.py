@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ambient.restore import METHODS, SOLVERS, RestoreConfig
@@ -44,15 +42,10 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
     """Draw clean images consistent with corrupted observations (posterior sampling)."""
     from ambient.data import load_dataset
     from ambient.distributed import resolve_device
-    from ambient.errors import AmbientInputError
     from ambient.model import load_model
-    from ambient.restore import check_inputs, restore_distributed, write_restored
+    from ambient.restore import check_inputs, check_restore_out, restore_distributed, write_restored
 
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise AmbientInputError(f"--out {out}: must be a .npz file")
-    if out.is_dir():
-        raise AmbientInputError(f"--out {out}: is a folder")
+    out = check_restore_out(out, data)
     cfg = RestoreConfig(method=method, steps=steps, cg_iters=cg_iters, num_per_image=num_per_image,
                         sigma_y=sigma_y, seed=seed, batch=batch, dps_step=dps_step, solver=solver)
     observations = load_dataset(data, max_size=max_size)
