@@ -260,7 +260,12 @@ def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_pa
     base = ["train", "--data", str(root), "--outdir", str(out), "--corruption-probability", "0.5", *TINY]
     code, _, err = run([*base, "--kimg", "0.016"], capsys)
     assert code == 0, err
-    assert json.loads((out / "config.json").read_text())["train"]["loss_weighting"] == "pixel"
+    assert json.loads((out / "config.json").read_text())["train"]["loss_weighting"] == "tilted"
+    pixel = tmp_path / "p"  # a run of the former default resumes with its own weighting
+    code, _, err = run([*base, "--outdir", str(pixel), "--kimg", "0.016", "--loss-weighting", "pixel"], capsys)
+    assert code == 0, err
+    code, _, err = run([*base, "--outdir", str(pixel), "--kimg", "0.032"], capsys)
+    assert code == 0 and json.loads((pixel / "config.json").read_text())["train"]["loss_weighting"] == "pixel"
     code, stdout, _ = run([*base, "--no-mask-aware", "--outdir", str(tmp_path / "d"), "--dry-run"], capsys)
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "edm"
     for cfg_path in [out / "config.json", *out.glob("snapshot-*/config.json")]:  # as an older version wrote it

@@ -73,7 +73,7 @@ class TrainConfig:
     mask_aware: bool = True
     cond: bool = False
     loss_normalize: str = "mean"
-    loss_weighting: str | None = None  # None: "pixel" with mask-aware scalings (a resumed run keeps its own)
+    loss_weighting: str | None = None  # None: "tilted" with mask-aware scalings (a resumed run keeps its own)
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0

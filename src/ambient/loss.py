@@ -10,8 +10,18 @@ mask-aware scalings (:mod:`ambient.denoiser`) a pixel hidden by Ã has c_out = �
 same principle asks for 1/σ_d²; w(σ) instead weighs the hidden pixels' irreducible error
 (σ_d² + σ²)/σ² times more, 10⁴–10⁵× at the smallest σ, and their noise drowns the learning
 signal of the seen pixels. Weighting ``pixel`` uses w(σ) where Ã = 1 and 1/σ_d² where Ã = 0 (and
-A = 1); ``ambient train`` uses it by default with the mask-aware scalings. A positive weight that
-depends only on (σ, Ã) does not move the minimiser: each pixel's optimum is still E[x0 | Ã ⊙ x_σ, Ã].
+A = 1). But the fixed-mask sampler reads the hidden pixels only at its last, smallest σ, where
+``pixel`` hardly trains them (EDM's σ law puts little mass there): its hidden predictions at small σ
+shrink towards the mean and the learnt distribution loses variance (benchmarks/fidelity.py). ``edm``
+trains them there, in effect: w(σ) is σ_d²/σ² + 1 times ``pixel``'s weight on hidden pixels, and
+E_σ[σ_d²/σ² f(σ)] = h · E_σ'[f(σ')] with σ' drawn from EDM's law tilted by σ⁻² (log-mean
+P_mean − 2 P_std², h = 49), but through huge weights on rare draws. Weighting ``tilted`` (the default
+with the mask-aware scalings) gets the same emphasis by sampling instead: half the images draw σ from
+the tilted law, and bounded importance weights (:meth:`AmbientLoss.tilted_weights`) make the seen
+pixels' expected loss exactly EDM's and the hidden pixels' ``pixel``'s plus h = 5 (``hidden_scale``)
+times the same loss at the tilted law. A positive weight that depends only on (σ, Ã), and a σ law with
+full support, do not move the minimiser: each pixel's optimum is still E[x0 | Ã ⊙ x_σ, Ã]; they decide
+where a finite network spends its capacity.
 
 Only pixels observed under A are graded, and y is only known there, so no clean pixel enters
 the loss. Normalisation: ``mean`` divides by the number of pixels observed under A (the

@@ -116,13 +116,13 @@ def _load_data_with_law(cfg: TrainConfig, source: Path | None) -> tuple[TrainCon
 
 def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfig:
     """The flag if given; else a resumed run's own weighting (runs from before the option: ``edm``);
-    else ``pixel`` with the mask-aware scalings and ``edm`` without (see :mod:`ambient.loss`)."""
+    else ``tilted`` with the mask-aware scalings and ``edm`` without (see :mod:`ambient.loss`)."""
     if cfg.loss_weighting is not None:
         return cfg
     saved = _saved_train(source)
     if saved:
         return replace(cfg, loss_weighting=saved["loss_weighting"])
-    return replace(cfg, loss_weighting="pixel" if cfg.mask_aware else "edm")
+    return replace(cfg, loss_weighting="tilted" if cfg.mask_aware else "edm")
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:

@@ -39,8 +39,9 @@ TRAIN_OPTIONS = [
     ("augment", float, "Probability of an x-flip per image (image, A and Ã flip together)."),
     ("loss_normalize", click.Choice(NORMALIZATIONS), "mean over observed pixels, or the paper's plain sum."),
     ("loss_weighting", click.Choice(WEIGHTINGS), "edm: the paper's w(σ) on every graded pixel; pixel: 1/σ_d² on the "
-                                                 "graded pixels Ã hides (matches the mask-aware scalings; see "
-                                                 "docs/em_cases.md). Default: pixel with --mask-aware, edm without; "
+                                                 "graded pixels Ã hides; tilted: pixel's weights, half the batch's σ "
+                                                 "drawn where the sampler reads hidden pixels (ambient.loss, "
+                                                 "docs/fidelity.md). Default: tilted with --mask-aware, edm without; "
                                                  "a resumed run keeps its own (runs from before the option: edm)."),
     ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
     ("cond", bool, "Class-conditional (labels from the data; needs a ddpmpp-* --arch); sample with --class."),
