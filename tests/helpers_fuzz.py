@@ -92,7 +92,8 @@ STRING_VALUES = [("empty", ""), ("negative", "-1"), ("nan", "nan"), ("unicode", 
                  ("long-name", "x" * 300), ("huge-range", "0-999999999")]
 # Paths, for every string option: whatever the option means, each must be used or refused cleanly.
 PATH_VALUES = [("a-file", "@file.txt"), ("empty-folder", "@empty-dir"), ("other-folder", "@other-dir"),
-               ("missing", "@new/missing"), ("under-a-file", "@file.txt/sub"), ("data-npz", "@data.npz"),
+               ("missing", "@new/missing"), ("under-a-file", "@file.txt/sub"),
+               ("in-a-read-only-folder", "@read-only/new"), ("data-npz", "@data.npz"),
                ("observations-npz", "@obs.npz"), ("train-run", "@train-run"), ("em-run", "@em-run"),
                ("conditional-run", "@cond-run"), ("finetune-run", "@finetune-run"), ("imported-model", "@imported"),
                ("diffusers-folder", "@pretrained")]
@@ -256,6 +257,9 @@ class Templates:
             path.write_text("not a model, not data, not a folder\n")
         elif name == "empty-dir":
             path.mkdir()
+        elif name == "read-only":  # unwritable unless run as root (root writes anyway: then the case must succeed)
+            path.mkdir()
+            path.chmod(0o555)
         elif name == "other-dir":
             path.mkdir()
             (path / "notes.txt").write_text("a user's folder\n")
