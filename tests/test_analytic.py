@@ -46,7 +46,7 @@ def test_all_visible_mask_reproduces_the_data_and_the_mixture_is_the_average_of_
     # every pixel visible: the sampler reproduces the data, up to Heun's discretisation (which at EDM's 18 steps
     # inflates a Gaussian's variance by 10-30 %, and at 100 steps by < 1 %)
     mu, c = fixed_mask_sampler_moments(mean, cov, torch.ones(1, 16), edm_sigmas(100))
-    assert relative_covariance_error(c, cov) < 0.01 and float((mu - mean).abs().max()) < 1e-3
+    assert relative_covariance_error(c, cov) < 0.01 and float((mu - mean).abs().max()) < 3e-3
     sig = edm_sigmas(18)
     assert relative_covariance_error(fixed_mask_sampler_moments(mean, cov, torch.ones(1, 16), sig)[1], cov) > 0.05
     masks = sampling_masks(Corruption("dust", 0.0, 0.2), (6, 1, 4, 4), list(range(6)), data_survival=0.6)
