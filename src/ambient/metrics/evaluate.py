@@ -46,11 +46,28 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise AmbientInputError(f"{flag} {path}: is a folder; give a file path")
-    parent = path.parent
+    _check_creatable(path, path.parent, flag)
+    return path
+
+
+def _check_creatable(path: Path, parent: Path, flag: str) -> None:
+    """The nearest existing folder from ``parent`` up is a folder this process may write into."""
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise AmbientInputError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise AmbientInputError(f"{flag} {path}: folder {parent} is not writable")
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a folder this command may create or write into (checked before any work)."""
+    if not str(path).strip():
+        raise AmbientInputError(f"{flag} is empty; give a folder")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AmbientInputError(f"{flag} {path}: exists and is not a folder")
+    _check_creatable(path, path, flag)
     return path
 
 
@@ -202,6 +219,7 @@ def find_neighbors(
     Under torchrun the ranks share the featurisation and rank 0 does the rest (others: ``None``)."""
     if not -1.0 <= threshold <= 1.0:
         raise AmbientInputError(f"--threshold must be in [-1, 1], got {threshold}")
+    check_output_folder(out_dir, "--out")
     kind, why = folder_kind_why(out_dir)
     if kind not in (None, OTHER):  # never write beside a run's or a model's files
         raise AmbientInputError(f"--out {out_dir}: is {describe(kind)} ({why}); ambient neighbors writes into a new "
