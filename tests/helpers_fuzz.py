@@ -104,7 +104,7 @@ CHOICE_GARBAGE = [("empty", ""), ("bogus", "bogus")]
 # diffusers folder, a user's folders) may gain files when given as an output, but never lose or change one.
 KIND_FOLDERS = {"train-run": "train run", "naive-run": "train run", "cond-run": "train run", "em-run": "em run",
                 "finetune-run": "finetune run", "imported": "imported model"}
-OWN_OUTPUT = {("train", "outdir"): "train run", ("demo", "outdir"): "train run", ("em", "outdir"): "em run",
+OWN_OUTPUT = {("train", "outdir"): "train run", ("demo", "outdir"): "demo run", ("em", "outdir"): "em run",
               ("finetune", "outdir"): "finetune run"}
 
 

@@ -200,22 +200,91 @@ def test_guidance_needs_two_masks(tmp_path, capsys):
     assert code == 2 and "--guidance-scale" in err and len(err.strip().splitlines()) == 1
 
 
-def test_demo_falls_back_to_digits_with_a_one_line_notice(tmp_path, capsys, monkeypatch):
+def panel_count(png) -> int:
+    """Image panels side by side in a labelled figure: runs of columns with non-white pixels below the labels."""
+    img = np.asarray(Image.open(png).convert("L"))
+    body = img[40:]  # under the two lines of labels
+    inked = (body < 250).any(axis=0)
+    return int(inked[0]) + int(np.count_nonzero(inked[1:] & ~inked[:-1]))
+
+
+def no_fashion(tmp_path, monkeypatch):
     import ambient.readers as readers
-    from ambient.cli.demo import demo_data
 
     monkeypatch.setattr(readers, "SYSTEM_FASHION_DIR", tmp_path / "no-such-dir")
     monkeypatch.delenv("AMBIENT_DATA", raising=False)
+
+
+def test_demo_falls_back_to_digits_with_a_one_line_notice(tmp_path, capsys, monkeypatch):
+    from ambient.demo import demo_data
+
+    no_fashion(tmp_path, monkeypatch)
     data, resolution, notice = demo_data("builtin:fashion-mnist", None)
     assert (data, resolution) == ("builtin:digits", 28) and notice.startswith("notice: Fashion-MNIST not found")
     assert demo_data("some.npz", None) == ("some.npz", None, None)  # an explicit --data is never replaced
     out = tmp_path / "demo"
-    code, stdout, err = run(["demo", "--outdir", str(out), "--kimg", "0.032", "--arch", "tiny", "--no-progress"],
-                           capsys)
+    argv = ["demo", "--outdir", str(out), "--kimg", "0.032", "--arch", "tiny", "--num-samples", "4", "--num-ref", "0",
+            "--no-progress"]
+    code, stdout, err = run(argv, capsys)
     assert code in (0, None), err
     assert [line for line in err.splitlines() if line.startswith("notice:")] == [notice]
-    assert (out / "demo.png").is_file() and "wrote" in stdout
-    assert __import__("json").loads((out / "config.json").read_text())["data"]["shape"] == [1, 28, 28]
+    assert (out / "demo.png").is_file() and "wrote" in stdout and "KID" not in stdout
+    for model in ("naive", "ambient"):  # two train runs on the same data, differing only in the objective
+        saved = json.loads((out / model / "config.json").read_text())
+        assert saved["kind"] == "train-run" and saved["train"]["objective"] == model
+        assert saved["data"]["shape"] == [1, 28, 28] and saved["data"]["num_images"] == 1497  # 300 held out
+    naive, ambient = (json.loads((out / m / "config.json").read_text())["train"] for m in ("naive", "ambient"))
+    assert {k for k in naive if naive[k] != ambient[k]} <= {"objective", "outdir", "loss_weighting"}
+    assert json.loads((out / "demo.json").read_text())["kind"] == "demo-run"
+    code, _, err = run(argv, capsys)  # again: both runs are done, so it only samples and draws again
+    assert code in (0, None), err
+    assert err.count("nothing to do") == 2
+
+
+def test_demo_draws_three_panels_and_prints_the_kid_of_each_model(tmp_path, capsys, monkeypatch):
+    from ambient.errors import AmbientInputError
+    from ambient.metrics.inception import find_inception_weights
+
+    no_fashion(tmp_path, monkeypatch)
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--outdir", str(out), "--kimg", "0.032", "--arch", "tiny", "--num-samples", "6",
+                             "--num-ref", "8", "--no-progress"], capsys)
+    assert code in (0, None), err
+    assert panel_count(out / "demo.png") == 3  # observations | naive samples | ambient samples
+    try:
+        find_inception_weights(download=False)
+    except AmbientInputError:
+        assert "notice: Inception weights not found, KID skipped" in err and "KID" not in stdout
+        pytest.skip("no Inception weights: KID skipped with a notice, as asserted")
+    lines = stdout.splitlines()
+    assert lines[0].startswith("KID x10^3 against 8 held-out clean images (builtin:digits), 6 samples per model")
+    for line, model in zip(lines[1:3], ("naive", "ambient")):
+        name, kid, pm, spread = line.split()
+        assert name == model and pm == "+-" and float(kid) == float(kid) and float(spread) >= 0
+    result = json.loads((out / "demo.json").read_text())["result"]
+    assert set(result["kid"]) == {"naive", "ambient"} and result["num_ref"] == 8
+
+
+def test_demo_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    data = write_npz(tmp_path / "d.npz")
+    base = ["demo", "--data", str(data), "--kimg", "0.008", "--arch", "tiny", "--no-progress"]
+    run_dir = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(run_dir), "--kimg", "0.008", *TINY], capsys)
+    assert code == 0, err
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    cases = [(["--outdir", str(run_dir)], "is a train run"), (["--outdir", str(tmp_path / "new"), "--num-samples", "1"],
+                                                             "--num-samples"),
+             (["--outdir", str(tmp_path / "new"), "--num-ref", "-1"], "--num-ref"),
+             (["--outdir", str(tmp_path / "new"), "--kimg", "nan"], "--kimg")]
+    for extra, named in cases:
+        code, _, err = run([*base, *extra], capsys)
+        assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in run_dir.rglob("*")) == before and not (tmp_path / "new").exists()
+    out = tmp_path / "demo"
+    code, stdout, err = run([*base, "--outdir", str(out)], capsys)  # data without held-out images: no KID
+    assert code in (0, None) and "notice:" in err and "KID skipped" in err and "KID" not in stdout, err
+    code, _, err = run(["train", "--data", str(data), "--outdir", str(out), "--kimg", "0.008", *TINY], capsys)
+    assert code == 2 and "a demo run" in err and len(err.strip().splitlines()) == 1
 
 
 def test_readme_commands_are_what_ci_runs():

@@ -8,7 +8,8 @@ there by :func:`stamped` (the one writer of the field):
 * ``em-run``: an ``ambient em`` outdir (``em_config.json``);
 * ``finetune``: an ``ambient finetune`` outdir (``finetune_options.json`` and, once exported,
   ``config.json``); ``finetune-snapshot``: one of its snapshots;
-* ``imported-model``: an ``ambient import`` folder (``config.json``).
+* ``imported-model``: an ``ambient import`` folder (``config.json``);
+* ``demo-run``: an ``ambient demo`` outdir (``demo.json``), holding two train runs, ``naive/`` and ``ambient/``.
 
 Folders written before kinds were recorded are recognised by what they hold (:func:`folder_kind`):
 ``em_config.json``, ``finetune_options.json``, a ``config.json`` with an ``imported`` or ``train``
@@ -34,11 +35,12 @@ TRAIN_RUN, TRAIN_SNAPSHOT = "train-run", "train-snapshot"
 EM_RUN = "em-run"
 FINETUNE_RUN, FINETUNE_SNAPSHOT = "finetune", "finetune-snapshot"
 IMPORTED_MODEL = "imported-model"
+DEMO_RUN = "demo-run"
 SAMPLE_OUTPUT = "sample-output"  # recognised by its files (a folder of PNGs holds no config)
 OTHER = "other"  # not empty, and no ambient command wrote it
 UNREADABLE = "unreadable"  # its config cannot be read, or names a kind this version does not know
 
-RECORDED = (TRAIN_RUN, TRAIN_SNAPSHOT, EM_RUN, FINETUNE_RUN, FINETUNE_SNAPSHOT, IMPORTED_MODEL)
+RECORDED = (TRAIN_RUN, TRAIN_SNAPSHOT, EM_RUN, FINETUNE_RUN, FINETUNE_SNAPSHOT, IMPORTED_MODEL, DEMO_RUN)
 DESCRIPTIONS = {
     TRAIN_RUN: "a train run (ambient train)",
     TRAIN_SNAPSHOT: "a snapshot of a train run",
@@ -46,11 +48,12 @@ DESCRIPTIONS = {
     FINETUNE_RUN: "a finetune run (ambient finetune)",
     FINETUNE_SNAPSHOT: "a snapshot of a finetune run",
     IMPORTED_MODEL: "an imported model (ambient import)",
+    DEMO_RUN: "a demo run (ambient demo)",
     SAMPLE_OUTPUT: "a folder of sampled images (ambient sample)",
     OTHER: "a folder that no ambient command wrote",
     UNREADABLE: "a folder whose kind cannot be read",
 }
-_CONFIGS = ("em_config.json", "finetune_options.json", "config.json")  # where each kind is recorded
+_CONFIGS = ("em_config.json", "finetune_options.json", "config.json", "demo.json")  # where each kind is recorded
 _SAMPLE_PNG = re.compile(r"^\d{6}\.png$")
 _SNAPSHOT = re.compile(r"^snapshot-\d+$")
 _TRAIN_LOGS = re.compile(r"^(tensorboard|stats\.jsonl|samples-\d+\.png)$")

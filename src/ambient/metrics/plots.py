@@ -3,9 +3,12 @@
 * :func:`similarity_histogram`: share of images per similarity bin, generated samples beside
   the training set's leave-one-out similarities, with the threshold marked.
 * :func:`pairs_panel`: rows of (generated | nearest | 2nd nearest | ...) with similarities.
+* :func:`labelled_panels`: image grids side by side, each under its lines of text (``ambient demo``).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -103,4 +106,30 @@ def pairs_panel(
         for j in range(k):
             text = f"{int(indices[r, j])}: {float(sims[r, j]):.3f}"
             draw.text(((j + 1) * (tile + pad) + 2, y + tile), text, fill="black", font=font)
+    return np.asarray(out)
+
+
+def labelled_panels(panels: list[tuple[list[str], torch.Tensor]], nrow: int, scale: int = 2, gap: int = 12,
+                    line_height: int = 14) -> np.ndarray:
+    """Figure (H, W, 3) uint8: one grid per (text lines, images (N, C, H, W) uint8 or float in [-1, 1]), side
+    by side, ``nrow`` tiles per row, upscaled ``scale``× (nearest), each under its lines of (ASCII) text."""
+    if not panels:
+        raise ValueError("panels: need at least one")
+    font = ImageFont.load_default()
+    grids = []
+    for _, images in panels:
+        grid = Image.fromarray(make_grid(to_rgb(to_uint8(images)), nrow, padding=1))
+        grids.append(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST))
+    head = line_height * max(len(lines) for lines, _ in panels) + 6
+    widths = [max([grid.width] + [math.ceil(font.getlength(line)) for line in lines])
+              for (lines, _), grid in zip(panels, grids)]  # a panel is as wide as its grid or its longest line
+    out = Image.new("RGB", (sum(widths) + gap * (len(grids) + 1), head + max(g.height for g in grids) + gap),
+                    "white")
+    draw = ImageDraw.Draw(out)
+    left = gap
+    for (lines, _), grid, width in zip(panels, grids, widths):
+        for i, line in enumerate(lines):
+            draw.text((left, 4 + i * line_height), line, fill="black", font=font)
+        out.paste(grid, (left, head))
+        left += width + gap
     return np.asarray(out)
