@@ -82,6 +82,9 @@ SET_WHILE_FUZZING = {
     ("sample", "class_idx"): ["--model", "@cond-run"],
     ("sample", "classes_text"): ["--model", "@cond-run"],
     ("train", "cond"): COND_TRAIN,
+    # by case id: the paper's DDPM++ presets (up to 56M parameters) with few channels, to stay fast
+    **{f"train:--arch=choice-{arch}": TINY_DDPMPP[2:] for arch in ("ddpmpp-cifar", "ddpmpp-cifar-ungated",
+                                                                      "ddpmpp-celeba", "ddpmpp-celeba-ungated")},
 }
 
 INT_VALUES = [("empty", ""), ("negative", "-1"), ("zero", "0"), ("fraction", "1.5"), ("nan", "nan"),
@@ -124,7 +127,8 @@ class Case:
     def argv(self) -> list[str]:
         """The base command line without the fuzzed option (and its conflicts), then the fuzzed tokens."""
         command = leaf_commands()[self.command]
-        changes = split_argv(command, SET_WHILE_FUZZING.get((self.command, self.param), []))
+        changes = split_argv(command, SET_WHILE_FUZZING.get((self.command, self.param),
+                                                            SET_WHILE_FUZZING.get(self.id, [])))
         drop = {self.param, *DROP_WHILE_FUZZING.get((self.command, self.param), ()), *(p for p, _ in changes)}
         kept = [tok for param, toks in split_argv(command, BASE[self.command]) if param not in drop for tok in toks]
         changed = [tok for param, toks in changes if param != self.param for tok in toks]
@@ -337,16 +341,28 @@ class Result:
     seconds: float = 0.0
 
 
+def _address_space() -> int:
+    """This process's virtual size in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 @contextlib.contextmanager
 def _limits(timeout: float, memory_bytes: int):
-    """Alarm after `timeout` s; address space capped at `memory_bytes` (a case that would eat the machine fails
-    with MemoryError instead); torch's thread count, the environment and the working directory restored."""
+    """Alarm after `timeout` s; address space capped at `memory_bytes` more than the process holds now (a case
+    that would eat the machine fails with MemoryError instead; the margin above the current size leaves room for
+    the thread pools of a many-core machine); torch's thread count, the environment and the working directory
+    restored."""
     import torch
 
     threads = torch.get_num_threads()
     env = dict(os.environ)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
+    cap = _address_space() + memory_bytes
+    cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
     if soft == resource.RLIM_INFINITY or soft > cap:
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
@@ -370,7 +386,7 @@ CASE_ENV_DROP = ("AMBIENT_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WOR
                  "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
 
 
-def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 8 << 30) -> Result:
+def invoke(argv: list[str], cwd: Path, timeout: float = 60, memory_bytes: int = 6 << 30) -> Result:
     """`ambient.cli.main(argv)` in this process, in `cwd`, with stdout/stderr captured."""
     from ambient.cli import main
 

@@ -90,7 +90,7 @@ def test_the_table_is_fixed_and_covers_every_option():
 
 @pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_cli_case(case, templates, scratch):
-    outcome = run_case(templates, case, scratch, timeout=30)
+    outcome = run_case(templates, case, scratch, timeout=120)
     if outcome.problems:
         pytest.fail(outcome.report(), pytrace=False)
 
