@@ -183,7 +183,8 @@ def train_config(case: Case, law: Law | None, method: Method, data: Path, outdir
         snapshot_kimg=args.kimg_mid, corruption_pattern="box" if box else "dust", corruption_probability=p,
         delta_probability=p if box else args.delta,
         objective="naive" if method.name in ("clean", "naive") else "ambient",
-        loss_weighting=method.weighting, grid_samples=0, seed=args.seed, lr=args.lr, device="cpu")
+        loss_weighting=method.weighting, grid_samples=0, seed=args.seed, lr=args.lr, ema=args.kimg / 16,
+        device="cpu")
 
 
 def run_train(cfg: TrainConfig) -> float:
@@ -196,6 +197,7 @@ def run_train(cfg: TrainConfig) -> float:
 def em_config(case: Case, law: Law, data: Path, outdir: Path, args) -> EMConfig:
     return EMConfig(data=str(data), outdir=str(outdir), laps=args.em_laps, lap_kimg=args.kimg / args.em_laps,
                     estep_size=args.em_estep, arch=args.arch, batch=args.batch, lr=args.lr, seed=args.seed,
+                    ema=args.kimg / args.em_laps / 16,
                     snapshot_kimg=args.kimg, grid_samples=0, device="cpu",
                     rank=min(64, case.channels * case.res * case.res), lap0=args.em_lap0)
 
