@@ -71,6 +71,7 @@ def feature_cache(tmp_path_factory):
 @pytest.fixture
 def scratch(tmp_path, feature_cache, monkeypatch):
     monkeypatch.setenv("AMBIENT_CACHE", str(feature_cache))  # never the user's cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # finetune --pretrained a/b is a hub id: never ask the network
     monkeypatch.delenv("AMBIENT_DATA", raising=False)
     return tmp_path
 
