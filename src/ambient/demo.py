@@ -54,8 +54,8 @@ class DemoConfig:
     kimg: float = 12.0
     arch: str = "small"
     seed: int = 0
-    num_samples: int = 200
-    num_ref: int = 500
+    num_samples: int = 100
+    num_ref: int = 250
 
     def validate(self) -> DemoConfig:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) \
