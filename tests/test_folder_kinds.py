@@ -12,18 +12,11 @@ from ambient.checkpoint import save_snapshot
 from ambient.cli import main
 from ambient.corruption import Corruption
 from ambient.model import ModelConfig, SamplingSpec, build_denoiser
+from tests.helpers_cli import FIXTURES, run
 from tests.helpers_data import write_npz
 
 TINY = ["--arch", "tiny", "--batch", "8", "--snapshot-kimg", "0.016", "--tick-kimg", "0.008",
         "--grid-samples", "0", "--no-progress", "--device", "cpu"]
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "reference-checkpoints"
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def tree(root: Path) -> dict:
