@@ -144,8 +144,8 @@ class AmbientLoss:
         """Per-image weights (seen, hidden) of the ``tilted`` weighting in F units (multiply by w(σ) and by
         1/σ_d²): seen pixels p_E/q, hidden graded ones (p_E + h·p_H)/q, with p_E the EDM σ law, p_H the tilted
         one, q their mixture that σ was drawn from. In expectation the seen pixels follow EDM's loss exactly and
-        the hidden ones pixel's loss plus h × the same loss at the tilted σ law; with h = σ_d² E_p_E[σ⁻²]
-        (the default) that is edm's expected loss, estimated with bounded weights (≤ 1/(1 − s), (1 + h)/s)."""
+        the hidden ones pixel's loss plus h × the same loss at the tilted σ law, with bounded weights
+        (≤ 1/(1 − s), (1 + h)/s); h = σ_d² E_p_E[σ⁻²] (49, not the default 5) would give edm's expected loss."""
         mean_h, std_h = self.hidden_law
         z_e = (sigma.log() - self.P_mean) / self.P_std
         z_h = (sigma.log() - mean_h) / std_h
@@ -239,11 +239,10 @@ OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
 
 def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
                   further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
-                  weighting: str = "edm", hidden_scale: float | None = None) -> AmbientLoss:
+                  weighting: str = "edm") -> AmbientLoss:
     """The loss object of a training objective (``ambient`` or ``naive``); the only place that
     looks at the objective's name."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
-                                 fixed_further=fixed_further, seed=seed, weighting=weighting,
-                                 hidden_scale=hidden_scale)
+                                 fixed_further=fixed_further, seed=seed, weighting=weighting)
