@@ -60,6 +60,7 @@ from ambient.corruption import Corruption, sampling_masks
 from ambient.em import EMConfig, run_em
 from ambient.generate import sample_model
 from ambient.model import load_model
+from ambient.solvers import edm_sigmas
 from ambient.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,8 +220,6 @@ def floors(case: Case, law: Law, args) -> dict:
         masks = sampling_masks(Corruption("dust", 0.0, args.delta, True), shape, seeds, data_survival=1 - law.p)
     else:
         masks = sampling_masks(Corruption("box", law.p, law.p, True), shape, seeds)
-    from ambient.solvers import edm_sigmas
-
     mix_mean, mix_cov = fixed_mask_sampler_moments(mean, cov, masks, edm_sigmas(args.steps))
     sampler = relative_covariance_error(mix_cov, cov)
     noise = sampling_noise_floor(cov, args.num_samples)
@@ -408,13 +407,9 @@ def main(argv=None) -> None:
                 log(f"  {name:15s} {kimg:7.1f} kimg  cov err {sc['cov_err']:.3f} "
                     f"({row['ratio_to_floor']:.2f}× the sampler floor at N)  mean err {sc['mean_err']:.3f}")
     elapsed = time.perf_counter() - started
-    print_table(rows)
+    print(markdown_table(rows))
     if not args.no_docs:
         write_docs(args, rows, elapsed, argv)
-
-
-def print_table(rows: list[dict]) -> None:
-    print(markdown_table(rows))
 
 
 def markdown_table(rows: list[dict]) -> str:
