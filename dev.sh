@@ -33,7 +33,7 @@ if not mine or any(u.find_spec(m) is None for m in ("diffusers", "pytest", "hypo
 if not out:
     from ambient.errors import AmbientInputError
     from ambient.metrics.inception import find_inception_weights
-    from ambient.readers import fashion_mnist_dir
+    from ambient.data.readers import fashion_mnist_dir
     for name, check in (("inception", lambda: find_inception_weights(download=False)), ("fashion", fashion_mnist_dir)):
         try:
             check()

@@ -1,4 +1,4 @@
-"""The paper's DDPM++ (ambient.songunet) timed side by side with the reference code's own network.
+"""The paper's DDPM++ (ambient.nets.songunet) timed side by side with the reference code's own network.
 
     git --git-dir=<fetched giannisdaras/ambient-diffusion> archive HEAD | tar -x -C /tmp/seed
     python benchmarks/bench_ddpmpp_vs_seed.py --seed /tmp/seed --threads 1
@@ -11,7 +11,7 @@ decorator), and the script refuses to run without one.
 Configuration: the reference's CIFAR-10 DDPM++ (``train.py --arch ddpmpp``: 128 channels, channel_mult
 [2, 2, 2], 4 blocks, attention at 16 px, [1, 1] resampling, dropout 0.13, ``augment_dim`` 9 as with
 ``--augment``; 6 channels in and out, image and mask), gated and ungated, batch 4 at 3×32×32. Ours
-is the same network (:class:`ambient.songunet.SongUNet` as in :class:`ambient.ddpmpp.ReferenceDenoiser`)
+is the same network (:class:`ambient.nets.songunet.SongUNet` as in :class:`ambient.nets.ddpmpp.ReferenceDenoiser`)
 with the reference's weights loaded, so both compute the same function; the script checks that first.
 Both backbones are called through the same written-out EDM preconditioning (the reference's
 ``EDMPrecond`` asserts a float32 output, which bf16 autocast does not give).
@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from ambient.ddpmpp import ReferenceDenoiser, song_config
-from ambient.songunet import SongUNet
-from ambient.statedict import load_state_dict_strict
+from ambient.nets.ddpmpp import ReferenceDenoiser, song_config
+from ambient.nets.songunet import SongUNet
+from ambient.store.statedict import load_state_dict_strict
 
 CIFAR = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
              channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2],

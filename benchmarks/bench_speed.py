@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ambient.backbones import count_parameters
-from ambient.corruption import Corruption
-from ambient.loss import AmbientLoss
-from ambient.model import ModelConfig, build_denoiser
-from ambient.sampling import ambient_sample
+from ambient.data.corruption import Corruption
+from ambient.nets.backbones import count_parameters
+from ambient.nets.registry import ModelConfig, build_denoiser
+from ambient.objectives.losses import AmbientLoss
+from ambient.sampling.fixed_mask import ambient_sample
 
 # arch: (channels, resolution, batch, batch in --quick)
 SETTINGS = {"tiny": (1, 28, 64, 32), "small": (1, 28, 64, 32), "ddpmpp32": (3, 32, 16, 4),
@@ -83,7 +83,7 @@ def _net(arch: str, c: int, r: int, mask_channels: bool, channels_last: bool = F
 
 def train_step(arch: str, c: int, r: int, batch: int, *, kind: str = "ambient", bf16: bool = False,
                channels_last: bool = False):
-    """(step, forward_backward) closures for one training step as ambient.train does it.
+    """(step, forward_backward) closures for one training step as ambient.learners.train does it.
 
     kind "ambient": mask input channels, a fresh further mask Ã each step, the ambient loss.
     kind "edm": the same backbone without mask channels and a plain EDM loss (no masks at all).
@@ -183,7 +183,7 @@ def bench_arch(arch: str, quick: bool, peak32: float, peak16: float) -> dict:
     pairs = [(timed(step, 1, 0), timed(step_edm, 1, 0)) for _ in range(max(iters, 3))]
     out["train"]["ambient_over_edm"] = statistics.median(a / e for a, e in pairs)
     out["profile_fp32_train_step"] = profile_top(step, 1 if (quick or big) else 3)
-    net.eval().requires_grad_(False)  # as ambient.model.load_model leaves it
+    net.eval().requires_grad_(False)  # as ambient.store.models.load_model leaves it
     x = torch.randn(batch, c, r, r)
     m = CORRUPTION.mask(x.shape, torch.Generator().manual_seed(2))
     sig = torch.full((batch,), 1.0)

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.data import float_to_uint8, load_images
-from ambient.em import EMConfig, load_observations, run_em
-from ambient.generate import sample_model
+from ambient.data.datasets import load_images
+from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz, atomic_write_text, read_jsonl
-from ambient.model import load_model
+from ambient.learners.em import EMConfig, load_observations, run_em
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate  # noqa: E402

@@ -36,16 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.config import TrainConfig
-from ambient.data import float_to_uint8, load_dataset, load_images
-from ambient.em import EMConfig, load_observations, run_em
-from ambient.generate import sample_model
+from ambient.data.datasets import load_dataset, load_images
+from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz, atomic_write_text, read_jsonl
-from ambient.metrics import compute_kid, fid_from_features, sliced_wasserstein
+from ambient.learners.em import EMConfig, load_observations, run_em
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
-from ambient.model import load_model
-from ambient.train import train
+from ambient.metrics.swd import sliced_wasserstein
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mask_law_rgb  # noqa: E402
@@ -145,8 +147,8 @@ def box_hole_errors(model_dir: str, clean_dir: str, delta: float, n: int, seed: 
     """Where does a box-trained ambient model fill holes well? Its posterior mean E[x | Ã ⊙ x, Ã] on clean
     test images, with masks drawn from its own training law (A: a p-box; Ã: A minus a δ-box), scored on
     A's hole (never graded when the network can tell it apart) and on the δ-box's pixels inside A (graded)."""
-    from ambient.corruption import Corruption
-    from ambient.em_steps import ambient_mean
+    from ambient.data.corruption import Corruption
+    from ambient.sampling.posterior import ambient_mean
 
     x = load_images(validate.TEST, max_size=n).float() / 127.5 - 1
     law = Corruption("box", BOX_P, delta)
@@ -175,7 +177,7 @@ def box_hole_errors(model_dir: str, clean_dir: str, delta: float, n: int, seed: 
 
 
 def box_corruption():
-    from ambient.corruption import Corruption
+    from ambient.data.corruption import Corruption
 
     return Corruption("box", BOX_P, 0.0)
 

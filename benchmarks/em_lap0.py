@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.data import float_to_uint8, load_images
-from ambient.em import EMConfig, load_observations
-from ambient.em_gaussian import GaussianPrior
-from ambient.em_steps import ambient_mean, mmps_samples, read_npz
-from ambient.model import load_model
+from ambient.data.datasets import load_images
+from ambient.data.images import float_to_uint8
+from ambient.io import read_npz
+from ambient.learners.em import EMConfig, load_observations
+from ambient.learners.gaussian_prior import GaussianPrior
+from ambient.sampling.posterior import ambient_mean, mmps_samples
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import validate  # noqa: E402

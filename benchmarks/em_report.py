@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ambient.images import save_png
+from ambient.data.images import save_png
 
 COLOURS = {"em samples": (200, 40, 40), "em --init samples": (150, 40, 160), "em completions": (230, 150, 30),
            "ambient": (40, 90, 200),

@@ -3,21 +3,21 @@
 The data are Gaussian images x0 ~ N(μ, Σ) with μ and Σ known, written as uint8 (clipping is rare:
 the pixel standard deviation is 0.3 on [-1, 1]) and observed through masks: per-pixel masks given
 with the data at p ∈ {0.6, 0.8, 0.9}, with garbage written at the hidden pixels, or box masks drawn by
-``ambient train`` (p = δ = 0.5). Every model is trained by :func:`ambient.train.train`, the code
+``ambient train`` (p = δ = 0.5). Every model is trained by :func:`ambient.learners.train.train`, the code
 path of ``ambient train``; its EMA weights draw N samples (Heun, 18 steps, the model's own mask law)
 whose covariance and mean are scored against Σ and μ:
 
 * ``cov err``: ‖Ŝ − Σ‖_F / ‖Σ‖_F, Ŝ the unbiased sample covariance of the N samples;
 * ``mean err``: RMS over pixels of (sample mean − μ), in units of the pixels' RMS standard deviation.
 
-Beside them, two floors computed exactly (:mod:`ambient.analytic`):
+Beside them, two floors computed exactly (:mod:`ambient.nets.gaussian`):
 
 * ``sampler floor``: the paper's fixed-mask sampler run with the exact conditional-expectation denoiser
   E[x0 | M ⊙ x_σ, M] (the best any ambient model can reach with that sampler), its output covariance
-  computed in closed form per mask (:func:`ambient.analytic.fixed_mask_sampler_moments`) and mixed
+  computed in closed form per mask (:func:`ambient.nets.gaussian.fixed_mask_sampler_moments`) and mixed
   over the sampler's masks;
 * ``noise floor``: the error N exact samples make from their own estimation noise
-  (:func:`ambient.analytic.sampling_noise_floor`); ``sampler @N`` = √(sampler² + noise²) is what the
+  (:func:`ambient.nets.gaussian.sampling_noise_floor`); ``sampler @N`` = √(sampler² + noise²) is what the
   exact ambient model would score with N samples.
 
 Rows: clean (plain EDM on the clean images), naive (plain EDM on the masked images as if clean),
@@ -46,7 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.analytic import (
+from ambient.data.corruption import Corruption, sampling_masks
+from ambient.learners.em import EMConfig, run_em
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.gaussian import (
     GaussianDenoiser,
     fixed_mask_sampler_moments,
     relative_covariance_error,
@@ -54,14 +58,10 @@ from ambient.analytic import (
     sampling_noise_floor,
     smooth_covariance,
 )
-from ambient.checkpoint import list_snapshots
-from ambient.config import TrainConfig
-from ambient.corruption import Corruption, sampling_masks
-from ambient.em import EMConfig, run_em
-from ambient.generate import sample_model
-from ambient.model import load_model
-from ambient.solvers import edm_sigmas
-from ambient.train import train
+from ambient.nets.schedules import edm_sigmas
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
+from ambient.store.snapshots import list_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
 STD = 0.3  # pixel standard deviation on [-1, 1]: values beyond ±1 (clipped) have probability < 1e-3

@@ -39,26 +39,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.corruption import Corruption
-from ambient.data import load_dataset
-from ambient.finetune import (
-    FinetuneConfig,
-    FinetunedDenoiser,
-    MaskedUNet,
-    alphas_cumprod,
-    finetune,
-    load_finetuned,
-    load_pretrained,
-)
-from ambient.finetune.loop import resolve_device
-from ambient.images import save_grid, save_png
+from ambient.data.corruption import Corruption
+from ambient.data.datasets import load_dataset
+from ambient.data.images import save_grid, save_png
+from ambient.distributed import resolve_device
 from ambient.io import atomic_write_json, atomic_write_text
+from ambient.learners.finetune import finetune
+from ambient.learners.finetune_config import FinetuneConfig
 from ambient.metrics.features import cached_features
 from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
 from ambient.metrics.neighbors import leave_one_out_max_similarity, nearest_neighbors, pixel_features
 from ambient.metrics.plots import pairs_panel, similarity_histogram
-from ambient.sampling import sample_in_batches
+from ambient.nets.finetuned import FinetunedDenoiser
+from ambient.nets.pretrained import MaskedUNet, load_pretrained
+from ambient.nets.schedules import alphas_cumprod
+from ambient.sampling.fixed_mask import sample_in_batches
+from ambient.store.finetuned import load_finetuned
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {

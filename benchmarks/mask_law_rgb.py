@@ -38,16 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.config import TrainConfig
-from ambient.data import float_to_uint8, load_dataset
-from ambient.generate import sample_model
+from ambient.data.datasets import load_dataset
+from ambient.data.images import float_to_uint8
+from ambient.data.readers import read_fashion_mnist
 from ambient.io import atomic_write_text
-from ambient.metrics import compute_kid, fid_from_features, sliced_wasserstein
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
-from ambient.model import load_model
-from ambient.readers import read_fashion_mnist
-from ambient.train import train
+from ambient.metrics.swd import sliced_wasserstein
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from validate_report import read_rows, write_figure  # noqa: E402

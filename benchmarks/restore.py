@@ -36,16 +36,17 @@ from types import SimpleNamespace
 
 import torch
 
-from ambient.corruption import Corruption
-from ambient.data import ImageDataset, float_to_uint8, load_images
+from ambient.data.corruption import Corruption
+from ambient.data.datasets import ImageDataset, load_images
+from ambient.data.images import float_to_uint8
 from ambient.io import atomic_write_json, atomic_write_text
-from ambient.metrics import compute_kid
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid
 from ambient.metrics.inception import load_inception
-from ambient.model import load_model
-from ambient.restore import RestoreConfig, restore, restore_rows
-from ambient.sampling import model_sigmas
-from ambient.solvers import sample_heun
+from ambient.sampling.fixed_mask import model_sigmas
+from ambient.sampling.restore import RestoreConfig, restore, restore_rows
+from ambient.sampling.solvers import sample_heun
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from validate import Method, train_stage  # noqa: E402

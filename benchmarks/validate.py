@@ -40,17 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.config import TrainConfig
-from ambient.corruption import Corruption
-from ambient.data import float_to_uint8, load_dataset, load_images
-from ambient.generate import sample_model
+from ambient.data.corruption import Corruption
+from ambient.data.datasets import load_dataset, load_images
+from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz
-from ambient.metrics import compute_kid, fid_from_features, nearest_neighbors, sliced_wasserstein
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
-from ambient.metrics.neighbors import pixel_features
-from ambient.model import load_model
-from ambient.train import train
+from ambient.metrics.neighbors import nearest_neighbors, pixel_features
+from ambient.metrics.swd import sliced_wasserstein
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from validate_report import figure_name, read_rows, write_docs, write_figure  # noqa: E402
@@ -71,8 +73,8 @@ class Method:
     name: str  # clean | naive | ambient | ambient-d0
     p: float
     delta: float
-    normalize: str = "mean"  # the ambient loss's normalisation (ambient.loss.NORMALIZATIONS)
-    weighting: str = "edm"  # the ambient loss's weighting (ambient.loss.WEIGHTINGS)
+    normalize: str = "mean"  # the ambient loss's normalisation (ambient.objectives.losses.NORMALIZATIONS)
+    weighting: str = "edm"  # the ambient loss's weighting (ambient.objectives.losses.WEIGHTINGS)
 
     @property
     def objective(self) -> str:
@@ -203,8 +205,8 @@ def parse_args(argv=None):
     ap.add_argument("--loss-normalize", choices=("mean", "sum"), default="mean",
                     help="normalisation of the ambient loss (ambient models only)")
     ap.add_argument("--loss-weighting", choices=("edm", "pixel", "tilted"), default="edm",
-                    help="weighting of the ambient loss (ambient models only; ambient.loss); edm, as the published "
-                         "tables were measured (ambient train defaults to tilted)")
+                    help="weighting of the ambient loss (ambient models only; see ambient.objectives.losses); "
+                         "edm, as the published tables were measured (ambient train defaults to tilted)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train and score only these model keys (e.g. ambient-p0.8-d0.1 clean-p0)")
     ap.add_argument("--seed", type=int, default=0)

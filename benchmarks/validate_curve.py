@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from ambient.data import float_to_uint8, load_images
-from ambient.generate import sample_model
-from ambient.metrics import compute_kid, sliced_wasserstein
+from ambient.data.datasets import load_images
+from ambient.data.images import float_to_uint8
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid
 from ambient.metrics.inception import load_inception
-from ambient.model import load_model
+from ambient.metrics.swd import sliced_wasserstein
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 
 def main(argv=None) -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ambient.corruption import mix_seed, sampling_masks
-from ambient.data import float_to_uint8
-from ambient.model import load_model
-from ambient.sampling import edm_sigmas
+from ambient.data.corruption import mix_seed, sampling_masks
+from ambient.data.images import float_to_uint8
+from ambient.nets.schedules import edm_sigmas
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from validate import Scorer  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ambient.images import make_grid, save_png
+from ambient.data.images import make_grid, save_png
 from ambient.io import atomic_write_text
 
 HEADER = "# Validation on Fashion-MNIST: ambient vs naive vs clean training\n"

@@ -7,7 +7,7 @@ paper's; ``pixel``; ``tilted``), all with the same backbone, budget, seed and da
 * ``rgb``: Fashion-MNIST painted in random colours (``benchmarks/mask_law_rgb.py``'s data), 32×32 RGB,
   80 % hidden by per-pixel masks given with the data (garbage at hidden pixels), δ = 0.1;
 * ``box``: Fashion-MNIST with a box of side ⌈0.5·28⌉ hidden per image, δ = p = 0.5 (the further box
-  the same size as A's, see ``ambient.corruption.Corruption.unlearnt_hole``).
+  the same size as A's, see ``ambient.data.corruption.Corruption.unlearnt_hole``).
 
 Each model draws N samples (Heun, 18 steps, its own mask law) scored against N_ref clean test images:
 KID and FID on Inception features, and the share of the naive → clean KID gap each ambient model closes.
@@ -33,15 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ambient.config import TrainConfig
-from ambient.data import float_to_uint8, load_images
-from ambient.generate import sample_model
+from ambient.data.datasets import load_images
+from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz, atomic_write_text
-from ambient.metrics import compute_kid, fid_from_features
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
 from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
-from ambient.model import load_model
-from ambient.train import train
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mask_law_rgb import build_data  # noqa: E402

@@ -215,7 +215,7 @@ def _write_pickle(path: Path) -> Path:
     """A reference-format network pickle (state dict under 'ema'): a small unconditional DDPM++ SongUNet."""
     import torch
 
-    from ambient.songunet import SongUNet, SongUNetConfig
+    from ambient.nets.songunet import SongUNet, SongUNetConfig
 
     torch.manual_seed(0)  # parameter init only
     net = SongUNet(SongUNetConfig(img_resolution=8, in_channels=2, out_channels=2, label_dim=0, model_channels=16,

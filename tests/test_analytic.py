@@ -1,10 +1,11 @@
-"""ambient.analytic: the exact fixed-mask sampler moments and the sampling-noise floor, against Monte Carlo
+"""ambient.nets.gaussian: the exact fixed-mask sampler moments and the sampling-noise floor, against Monte Carlo
 runs of the real sampler."""
 
 import pytest
 import torch
 
-from ambient.analytic import (
+from ambient.data.corruption import Corruption, sampling_masks
+from ambient.nets.gaussian import (
     GaussianDenoiser,
     fixed_mask_sampler_moments,
     relative_covariance_error,
@@ -12,9 +13,8 @@ from ambient.analytic import (
     sampling_noise_floor,
     smooth_covariance,
 )
-from ambient.corruption import Corruption, sampling_masks
-from ambient.sampling import ambient_sample
-from ambient.solvers import edm_sigmas
+from ambient.nets.schedules import edm_sigmas
+from ambient.sampling.fixed_mask import ambient_sample
 
 
 def _case():

@@ -9,9 +9,9 @@ import pickle
 import pytest
 import torch
 
-from ambient import checkpoint as ckpt
 from ambient.errors import AmbientInputError
-from ambient.statedict import load_state_dict_strict
+from ambient.store import snapshots as ckpt
+from ambient.store.statedict import load_state_dict_strict
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from ambient import checkpoint as ckpt
 from ambient.errors import AmbientInputError
+from ambient.store import snapshots as ckpt
 
 DEAD_PID = 2_147_483_000  # above any pid_max, so never alive
 
@@ -136,7 +136,7 @@ def test_read_only_outdir(tmp_path):
 # versions first, first+1, ... to the same snapshot name until the test SIGKILLs it.
 _SERVER = """
 import os, sys, torch
-from ambient.checkpoint import save_snapshot
+from ambient.store.snapshots import save_snapshot
 path = sys.argv[1]
 for line in sys.stdin:
     pid = os.fork()

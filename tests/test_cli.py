@@ -209,14 +209,14 @@ def panel_count(png) -> int:
 
 
 def no_fashion(tmp_path, monkeypatch):
-    import ambient.readers as readers
+    import ambient.data.readers as readers
 
     monkeypatch.setattr(readers, "SYSTEM_FASHION_DIR", tmp_path / "no-such-dir")
     monkeypatch.delenv("AMBIENT_DATA", raising=False)
 
 
 def test_demo_falls_back_to_digits_with_a_one_line_notice(tmp_path, capsys, monkeypatch):
-    from ambient.demo import demo_data
+    from ambient.learners.demo import demo_data
 
     no_fashion(tmp_path, monkeypatch)
     data, resolution, notice = demo_data("builtin:fashion-mnist", None)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ambient.cli import main
+from ambient.data.images import save_images_folder, save_images_npz
 from ambient.errors import AmbientInputError
-from ambient.images import save_images_folder, save_images_npz
 from ambient.metrics import inception as inc
 from ambient.metrics.fid import load_stats
 

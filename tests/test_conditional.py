@@ -1,4 +1,4 @@
-"""Class-conditional training and sampling (the reference's --cond; ambient.conditional)."""
+"""Class-conditional training and sampling (the reference's --cond; ambient.nets.conditional)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ambient.checkpoint import save_snapshot
 from ambient.cli import main
-from ambient.conditional import LabelledDenoiser, one_hot
-from ambient.config import TrainConfig
-from ambient.corruption import Corruption
-from ambient.data import load_dataset
+from ambient.data.corruption import Corruption
+from ambient.data.datasets import load_dataset
 from ambient.errors import AmbientInputError
-from ambient.model import ModelConfig, SamplingSpec, build_denoiser, load_model
-from ambient.train import train
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.conditional import LabelledDenoiser, one_hot
+from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
+from ambient.store.models import load_model
+from ambient.store.snapshots import save_snapshot
 
 TINY = json.dumps({"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []})
 

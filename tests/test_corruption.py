@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ambient.corruption import PATTERNS, Corruption, check_mask, mix_seed, sampling_masks
+from ambient.data.corruption import PATTERNS, Corruption, check_mask, mix_seed, sampling_masks
 
 
 def binomial_bound(prob: float, n: int, z: float = 5.0) -> float:

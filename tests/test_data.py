@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ambient.corruption import Corruption
-from ambient.data import ImageDataset, augment_batch, load_dataset, load_images
+from ambient.data.corruption import Corruption
+from ambient.data.datasets import ImageDataset, augment_batch, load_dataset, load_images
+from ambient.data.images import encode_png, images_uint8_to_float, save_png
+from ambient.data.readers import FASHION_FILES, SYSTEM_FASHION_DIR
 from ambient.errors import AmbientInputError
-from ambient.images import encode_png, images_uint8_to_float, save_png
-from ambient.readers import FASHION_FILES, SYSTEM_FASHION_DIR
 
 RNG = np.random.default_rng(1234)
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from ambient.backbones import PRESETS, build_backbone, count_parameters
-from ambient.denoiser import Denoiser
+from ambient.nets.backbones import PRESETS, build_backbone, count_parameters
+from ambient.nets.denoiser import Denoiser
 
 
 class ConstantBackbone(nn.Module):
@@ -106,7 +106,7 @@ def test_bad_inputs():
 def test_denoiser_presents_the_full_image_interface():
     """D(x, σ) with no mask is a FullImageDenoiser with EDM's σ range and no own schedule;
     ``denoise`` (trusted inputs) equals the checked ``forward``."""
-    from ambient.denoiser import FullImageDenoiser, MaskDenoiser
+    from ambient.nets.denoiser import FullImageDenoiser, MaskDenoiser
 
     den = Denoiser(ConstantBackbone(0.3), 1, sigma_data=0.5)
     assert isinstance(den, FullImageDenoiser) and isinstance(den, MaskDenoiser)

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 from ambient import distributed as dist_utils
-from ambient.checkpoint import list_snapshots, load_snapshot
 from ambient.cli import main
-from ambient.config import TrainConfig
 from ambient.errors import AmbientInputError
 from ambient.io import read_jsonl
-from ambient.train import train
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.store.snapshots import list_snapshots, load_snapshot
 from tests.helpers_data import write_npz
 
 # 8 images per step, 24 images: steps cross an epoch boundary; augment and Ã are drawn per step.

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import ambient.em as em_module
+import ambient.learners.em as em_module
 from ambient.cli import main
-from ambient.config import TrainConfig
 from ambient.errors import AmbientInputError
-from ambient.model import load_model
-from ambient.statedict import read_tensors
-from ambient.train import train
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.store.models import load_model
+from ambient.store.statedict import read_tensors
 from tests.helpers_data import blobs
 
 TINY = ["--laps", "2", "--lap-kimg", "0.032", "--estep-size", "12", "--rank", "3", "--gaussian-iters", "4",
@@ -218,12 +218,12 @@ def test_without_the_pool_each_m_step_trains_on_its_own_completions(em_run, tmp_
 
 
 def test_lap0_completions_are_the_gaussian_posterior_mean_or_its_exact_draws(em_run, tmp_path, capsys):
-    from ambient.corruption import mix_seed
-    from ambient.em_gaussian import GaussianPrior
-    from ambient.em_steps import to_hwc
+    from ambient.data.corruption import mix_seed
+    from ambient.data.images import to_hwc
+    from ambient.learners.gaussian_prior import GaussianPrior
 
     root, obs = em_run
-    from ambient.data import load_dataset
+    from ambient.data.datasets import load_dataset
 
     y, mask = (t.double() for t in load_dataset(str(obs)).batch(torch.arange(24)))
     with np.load(root / "run" / "gaussian.npz") as z:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.em_gaussian import GaussianPrior, em_step, fit_gaussian, initial_prior
+from ambient.learners.gaussian_prior import GaussianPrior, em_step, fit_gaussian, initial_prior
 
 
 def _low_rank_data(n=8000, shape=(1, 3, 4), rank=2, psi=0.05, keep=0.5, seed=0):

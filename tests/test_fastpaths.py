@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from ambient.checkpoint import latest_snapshot, load_snapshot
-from ambient.config import TrainConfig
-from ambient.corruption import mix_seed
+from ambient.data.corruption import mix_seed
 from ambient.distributed import compile_regions
 from ambient.io import read_jsonl
-from ambient.loss import AmbientLoss
-from ambient.model import ModelConfig, build_denoiser
-from ambient.train import train
-from ambient.training import INIT_STREAM
+from ambient.learners.core import INIT_STREAM
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.registry import ModelConfig, build_denoiser
+from ambient.objectives.losses import AmbientLoss
+from ambient.store.snapshots import latest_snapshot, load_snapshot
 from tests.helpers_data import write_npz
 
 SHAPE = (8, 1, 8, 8)

@@ -9,21 +9,15 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from ambient.cli import main
-from ambient.corruption import Corruption
+from ambient.data.corruption import Corruption
 from ambient.errors import AmbientInputError
-from ambient.finetune import (
-    FinetuneConfig,
-    FinetuneLoss,
-    MaskedUNet,
-    add_mask_channels,
-    alphas_cumprod,
-    build_model,
-    finetune,
-    load_finetuned,
-    load_pretrained,
-    sigma_from_alpha_bar,
-    x0_from_output,
-)
+from ambient.learners.finetune import build_model, finetune
+from ambient.learners.finetune_config import FinetuneConfig
+from ambient.nets.finetuned import x0_from_output
+from ambient.nets.pretrained import MaskedUNet, add_mask_channels, load_pretrained
+from ambient.nets.schedules import alphas_cumprod, sigma_from_alpha_bar
+from ambient.objectives.ddpm import FinetuneLoss
+from ambient.store.finetuned import load_finetuned
 
 
 def gen(seed):
@@ -227,7 +221,7 @@ def _fixed_loss(net, loss_fn, ds, corruption):
 
 
 def test_a_few_finetune_steps_reduce_the_loss(tmp_path):
-    from ambient.finetune import load_data
+    from ambient.learners.finetune import load_data
 
     pre = save_pipeline(tmp_path / "pre", tiny_unet())
     cfg = FinetuneConfig(pretrained=str(pre), data=save_npz(tmp_path / "d.npz"), outdir=str(tmp_path / "out"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ambient.finetune.schedule import DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod, sigma_from_alpha_bar
+from ambient.nets.schedules import DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod, sigma_from_alpha_bar
 
 
 @pytest.fixture(scope="module")

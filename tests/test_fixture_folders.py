@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from ambient.cli import main
-from ambient.generate import sample_model
-from ambient.model import load_model
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 from tests.fixtures.folders.make import (
     DATA,
     EM,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from ambient import folders
-from ambient.checkpoint import save_snapshot
 from ambient.cli import main
-from ambient.corruption import Corruption
-from ambient.model import ModelConfig, SamplingSpec, build_denoiser
+from ambient.data.corruption import Corruption
+from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
+from ambient.store.snapshots import save_snapshot
 from tests.helpers_cli import FIXTURES, run
 from tests.helpers_data import write_npz
 

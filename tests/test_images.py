@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ambient.data import load_dataset, load_images
-from ambient.errors import AmbientInputError
-from ambient.images import (
+from ambient.data.datasets import load_dataset, load_images
+from ambient.data.images import (
     float_to_uint8,
     images_uint8_to_float,
     make_grid,
@@ -21,6 +20,7 @@ from ambient.images import (
     save_images_npz,
     save_png,
 )
+from ambient.errors import AmbientInputError
 
 
 def test_uint8_float_round_trip_is_exact_and_clamps():
@@ -122,7 +122,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
     import numpy as np
 
-    from ambient.images import save_png
+    from ambient.data.images import save_png
 
     path = save_png(tmp_path / "a.png", np.zeros((4, 4, 1), np.uint8))
     mask = os.umask(0)

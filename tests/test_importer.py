@@ -1,4 +1,4 @@
-"""Importing the paper's checkpoints (ambient.safe_pickle, ambient.importer, `ambient import`).
+"""Importing the paper's checkpoints (ambient.store.safe_pickle, ambient.store.importer, `ambient import`).
 
 The fixtures were made by the reference code (see shared/fixtures/reference-checkpoints/README.md);
 probe.npz holds the reference network's own output, which an imported model must reproduce.
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient import safe_pickle
 from ambient.cli import main
 from ambient.errors import AmbientInputError
-from ambient.importer import import_checkpoint, read_checkpoint
-from ambient.model import load_model
+from ambient.store import safe_pickle
+from ambient.store.importer import import_checkpoint, read_checkpoint
+from ambient.store.models import load_model
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "reference-checkpoints"
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / "probe.npz").is_file(),
@@ -96,7 +96,7 @@ def test_options_that_contradict_the_weights_are_refused(tmp_path):
 
 
 def test_weights_that_do_not_fit_the_inferred_network_give_one_line():
-    from ambient.importer import _load_exact
+    from ambient.store.importer import _load_exact
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 3))
     sd = {"0.weight": torch.zeros(3, 2, dtype=torch.float16), "0.bias": torch.ones(3, dtype=torch.float16)}
@@ -170,7 +170,7 @@ def test_tensor_past_its_storage_is_refused(tmp_path):
 
 @needs_fixtures
 def test_sampling_mask_law_from_flags(no_payload_here):
-    from ambient.corruption import Corruption
+    from ambient.data.corruption import Corruption
 
     plain = load_model(import_checkpoint(FIXTURES / "ambient-format.pkl", no_payload_here / "a"))
     assert not plain.sampling.uses_masks  # the fixture's dataset_kwargs record no corruption
@@ -184,8 +184,8 @@ def test_sampling_mask_law_from_flags(no_payload_here):
 def test_conditional_reference_checkpoint(tmp_path, capsys):
     """A class-conditional network in the reference's format (pickled by torch itself) imports with its
     label input; its denoiser takes class_labels as EDMPrecond does, and sampling needs a class."""
-    from ambient.ddpmpp import ReferenceDenoiser
-    from ambient.songunet import SongUNet, SongUNetConfig
+    from ambient.nets.ddpmpp import ReferenceDenoiser
+    from ambient.nets.songunet import SongUNet, SongUNetConfig
 
     torch.manual_seed(0)
     net = SongUNet(SongUNetConfig(img_resolution=8, in_channels=2, out_channels=2, label_dim=4, model_channels=16,

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.checkpoint import save_snapshot
 from ambient.cli import main
-from ambient.corruption import Corruption
-from ambient.em import EMConfig, EMRun
-from ambient.model import ModelConfig, SamplingSpec, build_denoiser
+from ambient.data.corruption import Corruption
+from ambient.learners.em import EMConfig, EMRun
+from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
+from ambient.store.snapshots import save_snapshot
 from tests.helpers_cli import FIXTURES, run
 from tests.helpers_data import blobs, write_npz
 
@@ -59,7 +59,7 @@ def tiny_model(path: Path, *, corruption=Corruption("dust", 0.5, 0.1), imported=
 
 def reference_pickle(path: Path, *, label_dim=0, nan=False, corruption=0.5) -> Path:
     """A network in the reference's training-loop format (pickled by torch), as in test_importer."""
-    from ambient.songunet import SongUNet, SongUNetConfig
+    from ambient.nets.songunet import SongUNet, SongUNetConfig
 
     torch.manual_seed(0)
     net = SongUNet(SongUNetConfig(img_resolution=8, in_channels=2, out_channels=2, label_dim=label_dim,

@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 
-from ambient.analytic import GaussianDenoiser, smooth_covariance
-from ambient.backbones import build_backbone
-from ambient.corruption import Corruption
-from ambient.denoiser import Denoiser
-from ambient.loss import AmbientLoss, EDMLoss
+from ambient.data.corruption import Corruption
+from ambient.nets.backbones import build_backbone
+from ambient.nets.denoiser import Denoiser
+from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.objectives.losses import AmbientLoss, EDMLoss
 from tests.conftest import MLPBackbone
 
 
@@ -172,7 +172,7 @@ def test_loss_input_validation():
 def test_edm_loss_is_the_ambient_loss_with_everything_visible():
     """EDMLoss (naive / clean baseline) shares AmbientLoss's call signature and equals it at A = Ã = 1,
     whatever masks it is given; its network takes no mask."""
-    from ambient.loss import EDMLoss, training_loss
+    from ambient.objectives.losses import EDMLoss, training_loss
 
     den = tiny_denoiser(1, 8)
     c = Corruption("dust", 0.6, 0.3)
@@ -194,7 +194,7 @@ def test_edm_loss_is_the_ambient_loss_with_everything_visible():
 def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
     """draw() gives the same inputs for the same generator seed; flips move A and Ã with the image;
     a fixed Ã depends only on (seed, image index); EDMLoss draws all-ones masks."""
-    from ambient.loss import EDMLoss
+    from ambient.objectives.losses import EDMLoss
 
     c = Corruption("dust", 0.5, 0.4)
     y = torch.rand(6, 1, 4, 5, generator=gen(0)) * 2 - 1

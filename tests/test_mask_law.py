@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from ambient.cli import main
-from ambient.config import TrainConfig
-from ambient.corruption import Corruption, sampling_masks
-from ambient.data import ImageDataset, load_dataset, resolve_mask_full_rgb
-from ambient.denoiser import Denoiser
+from ambient.data.corruption import Corruption, sampling_masks
+from ambient.data.datasets import ImageDataset, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError
-from ambient.model import SamplingSpec, load_model
-from ambient.train import dry_run, train
+from ambient.learners.train import dry_run, train
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.denoiser import Denoiser
+from ambient.nets.registry import SamplingSpec
+from ambient.store.models import load_model
 from tests.helpers_data import write_npz
 
 TINY = dict(arch="tiny", delta_probability=0.3, batch=8, kimg=0.016, snapshot_kimg=1.0, tick_kimg=0.008,
@@ -138,8 +139,8 @@ def test_cli_contradiction_and_dry_run(tmp_path, capsys):
 
 
 def test_finetune_resolves_the_law_from_the_data(tmp_path):
-    from ambient.finetune import load_data
-    from ambient.finetune.config import FinetuneConfig
+    from ambient.learners.finetune import load_data
+    from ambient.learners.finetune_config import FinetuneConfig
 
     per_pixel = str(write_npz(tmp_path / "px.npz", n=16, channels=3, masks=pixel_masks()))
     per_channel = str(write_npz(tmp_path / "ch.npz", n=16, channels=3, masks=channel_masks()))

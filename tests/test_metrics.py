@@ -10,14 +10,7 @@ import torch
 from ambient.errors import AmbientInputError
 from ambient.metrics import inception as inc
 from ambient.metrics.features import cached_features, images_sha256
-from ambient.metrics.fid import (
-    FeatureSet,
-    compute_fid,
-    compute_kid,
-    fid_from_features,
-    load_stats,
-    save_stats,
-)
+from ambient.metrics.fid import FeatureSet, compute_fid, compute_kid, fid_from_features, load_stats, save_stats
 from ambient.metrics.neighbors import leave_one_out_max_similarity, nearest_neighbors
 from ambient.metrics.swd import sliced_wasserstein, wasserstein_1d
 

@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
-from ambient.analytic import GaussianDenoiser, smooth_covariance
-from ambient.operators import LinearOperator, MaskOperator
-from ambient.posterior import DPS, MMPS, AmbientMean, Projection, conjugate_gradient
-from ambient.sampling import edm_sigmas, sample_euler, sample_heun
+from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.nets.schedules import edm_sigmas
+from ambient.operators.base import LinearOperator
+from ambient.operators.mask import MaskOperator
+from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection, conjugate_gradient
+from ambient.sampling.solvers import sample_euler, sample_heun
 
 H = W = 4
 D = H * W
@@ -224,8 +226,8 @@ def test_bad_arguments():
 
 
 def test_wrappers_take_the_models_sigma_range_and_schedule():
-    from ambient.denoiser import FullImageDenoiser
-    from ambient.sampling import model_sigmas
+    from ambient.nets.denoiser import FullImageDenoiser
+    from ambient.sampling.fixed_mask import model_sigmas
 
     class Own(FullImageDenoiser):
         sigma_min, sigma_max = 0.01, 20.0

@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ambient.checkpoint import latest_snapshot, load_snapshot
 from ambient.cli import main
-from ambient.corruption import PATTERNS, Corruption
+from ambient.data.corruption import PATTERNS, Corruption
+from ambient.store.snapshots import latest_snapshot, load_snapshot
 from tests.helpers_data import write_npz
 
 TRAIN = ["--arch", "tiny", "--batch", "8", "--corruption-probability", "0.5", "--delta-probability", "0.2",
@@ -39,7 +39,7 @@ def test_sigkill_during_training_then_resume_equals_uninterrupted(tmp_path):
     while time.time() < deadline and not (killed / "snapshot-000006").exists():
         time.sleep(0.05)
     from ambient.errors import AmbientInputError
-    from ambient.outdir import OutdirLock
+    from ambient.learners.runlog import OutdirLock
 
     with pytest.raises(AmbientInputError, match=f"another ambient process \\(pid {proc.pid}\\)"):
         OutdirLock().acquire(killed)  # the running process holds the outdir
@@ -233,7 +233,7 @@ def _command_args(command, tmp_path, out):
 
 @pytest.mark.parametrize("command", ["train", "em", "finetune"])
 def test_a_second_process_on_the_same_outdir_is_refused(tmp_path, capsys, command):
-    from ambient.outdir import OutdirLock
+    from ambient.learners.runlog import OutdirLock
 
     out = tmp_path / "run"
     argv = _command_args(command, tmp_path, out)
@@ -273,7 +273,8 @@ def test_em_and_finetune_at_or_past_their_length_say_so_and_change_nothing(tmp_p
 def _failing_writes(monkeypatch, err: int, hit) -> list:
     """Make the writers of ambient.io (and the snapshot writer built on them) fail with ``err`` for the
     files ``hit(path)`` selects, after writing half of the bytes; returns the paths that failed."""
-    from ambient import checkpoint, io
+    from ambient import io
+    from ambient.store import snapshots as checkpoint
 
     failed = []
     real_synced, real_atomic = checkpoint.write_synced, io.atomic_write
@@ -319,7 +320,7 @@ def test_a_write_failing_mid_snapshot_keeps_the_previous_snapshot(tmp_path, caps
 
 _FULL_DISK = """
 import errno, os, sys
-import ambient.checkpoint as checkpoint
+import ambient.store.snapshots as checkpoint
 real = checkpoint.write_synced
 def full(path, data):
     if ".tmp-snapshot-000006" in str(path) and str(path).endswith("ema.safetensors"):
@@ -402,7 +403,7 @@ def test_sigkill_during_em_then_the_same_command_equals_an_uninterrupted_run(tmp
 
     import numpy as np
 
-    from ambient.statedict import read_tensors
+    from ambient.store.statedict import read_tensors
     from tests.test_em import TINY as EM_TINY
     from tests.test_em import observations
 

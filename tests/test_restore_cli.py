@@ -200,7 +200,7 @@ def test_restore_config_round_trips_and_names_bad_fields():
     import json
 
     from ambient.errors import AmbientInputError
-    from ambient.restore import RestoreConfig
+    from ambient.sampling.restore import RestoreConfig
 
     cfg = RestoreConfig(method="dps", steps=7, cg_iters=2, num_per_image=3, sigma_y=0.05, seed=4, dps_step=2.0)
     assert RestoreConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

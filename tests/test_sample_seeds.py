@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.checkpoint import save_snapshot
 from ambient.cli import main
 from ambient.cli.sample import parse_seeds
-from ambient.corruption import Corruption
+from ambient.data.corruption import Corruption
 from ambient.errors import AmbientInputError
-from ambient.model import ModelConfig, SamplingSpec, build_denoiser
+from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
+from ambient.store.snapshots import save_snapshot
 
 
 def test_parse_seeds():

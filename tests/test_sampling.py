@@ -6,16 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.analytic import GaussianDenoiser, smooth_covariance
-from ambient.corruption import Corruption, mix_seed, sampling_masks
-from ambient.sampling import (
-    ambient_sample,
-    dynamic_threshold,
-    edm_sigmas,
-    sample_euler,
-    sample_heun,
-    sample_in_batches,
-)
+from ambient.data.corruption import Corruption, mix_seed, sampling_masks
+from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.nets.schedules import edm_sigmas
+from ambient.sampling.fixed_mask import ambient_sample, dynamic_threshold, sample_in_batches
+from ambient.sampling.solvers import sample_euler, sample_heun
 
 H = 4
 SHAPE = (1, H, H)
@@ -309,8 +304,8 @@ def test_custom_sigma_schedule_is_used_and_validated():
 def test_fixed_mask_ensemble_is_the_mean_of_masked_calls(gaussian):
     """The wrapper presents D(x, σ) -> x0: the mean of D(m_k ⊙ x, σ, m_k) over its K masks, and
     without masks the plain full-image denoiser; σ range and schedule come from the inner model."""
-    from ambient.denoiser import FullImageDenoiser
-    from ambient.sampling import FixedMaskEnsemble
+    from ambient.nets.denoiser import FullImageDenoiser
+    from ambient.sampling.fixed_mask import FixedMaskEnsemble
 
     _, _, den = gaussian
     g = torch.Generator().manual_seed(3)
@@ -331,7 +326,7 @@ def test_fixed_mask_ensemble_is_the_mean_of_masked_calls(gaussian):
 
 def test_sampler_validates_at_the_boundary_not_per_call(gaussian, monkeypatch):
     """ambient_sample checks its inputs once; the 2·K denoiser calls per Heun step skip the check."""
-    import ambient.denoiser as denoiser_module
+    import ambient.nets.denoiser as denoiser_module
 
     _, _, den = gaussian
     calls = []
@@ -351,8 +346,8 @@ def test_sampler_validates_at_the_boundary_not_per_call(gaussian, monkeypatch):
 
 
 def test_model_sigmas_use_the_models_own_schedule():
-    from ambient.denoiser import FullImageDenoiser
-    from ambient.sampling import model_sigmas
+    from ambient.nets.denoiser import FullImageDenoiser
+    from ambient.sampling.fixed_mask import model_sigmas
 
     class OwnSchedule(FullImageDenoiser):
         sigma_min, sigma_max = 0.01, 20.0

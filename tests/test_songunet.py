@@ -1,4 +1,5 @@
-"""The paper's DDPM++ network (ambient.songunet) and its presets / reference preconditioning (ambient.ddpmpp)."""
+"""The paper's DDPM++ network (ambient.nets.songunet) and its presets / reference preconditioning
+(ambient.nets.ddpmpp)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ambient.config import TrainConfig
-from ambient.ddpmpp import ReferenceDenoiser, song_config
-from ambient.model import ModelConfig, build_denoiser
-from ambient.songunet import Conv2d, SongUNet, SongUNetConfig, UNetBlock
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.ddpmpp import ReferenceDenoiser, song_config
+from ambient.nets.registry import ModelConfig, build_denoiser
+from ambient.nets.songunet import Conv2d, SongUNet, SongUNetConfig, UNetBlock
 
 TINY = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0)
 

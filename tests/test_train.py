@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.checkpoint import latest_snapshot, list_snapshots, load_snapshot
-from ambient.config import TrainConfig
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.io import read_jsonl
-from ambient.loss import AmbientLoss
-from ambient.model import load_model
-from ambient.train import EpochOrder, train
+from ambient.learners.core import EpochOrder
+from ambient.learners.train import train
+from ambient.learners.train_config import TrainConfig
+from ambient.objectives.losses import AmbientLoss
+from ambient.store.models import load_model
+from ambient.store.snapshots import latest_snapshot, list_snapshots, load_snapshot
 from tests.helpers_data import write_npz
 
 BASE = dict(arch="tiny", corruption_probability=0.5, delta_probability=0.2, batch=8, snapshot_kimg=0.04,

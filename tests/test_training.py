@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ambient.errors import AmbientInputError, TrainingDiverged
-from ambient.training import (
+from ambient.learners.core import (
     EpochOrder,
     NonFiniteGuard,
     check_resume_compatible,
@@ -85,7 +85,7 @@ def test_epoch_order_is_shared_by_both_loops():
 
 
 def test_resume_rules(tmp_path):
-    from ambient.checkpoint import save_snapshot
+    from ambient.store.snapshots import save_snapshot
 
     out = tmp_path / "run"
     assert resume_source(out, None) is None and resume_source(out, "none") is None
@@ -108,9 +108,10 @@ def test_resume_rules(tmp_path):
 
 
 def test_finetuning_skips_non_finite_steps_and_names_a_changed_flag_on_resume(tmp_path, monkeypatch):
-    from ambient.checkpoint import latest_snapshot, load_snapshot
-    from ambient.finetune import FinetuneConfig, finetune
-    from ambient.finetune.objective import FinetuneLoss
+    from ambient.learners.finetune import finetune
+    from ambient.learners.finetune_config import FinetuneConfig
+    from ambient.objectives.ddpm import FinetuneLoss
+    from ambient.store.snapshots import latest_snapshot, load_snapshot
     from tests.test_finetune import save_npz, save_pipeline, tiny_unet
 
     pre = save_pipeline(tmp_path / "pre", tiny_unet(), "epsilon")

@@ -4,7 +4,7 @@ and :func:`compile_regions`, the ``--compile`` fast path.
 ``torchrun --nproc_per_node=N -m ambient train …`` (multi-node: add torchrun's ``--nnodes`` and
 rendezvous flags) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; we then join
 the process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP. Every rank draws the
-randomness of the whole global batch and keeps its slice (see :mod:`ambient.train`), so a
+randomness of the whole global batch and keeps its slice (see :mod:`ambient.learners.train`), so a
 W-process run sees the same data, masks and noise as one process, and its gradient, the mean of
 the ranks' gradients, is the single-process gradient of the global batch.
 """

@@ -6,7 +6,7 @@ one, never a mix, and a crash leaves at most a hidden temporary file. Files get 
 (0666 minus the umask); missing parent folders are created. Write failures become one-line
 :class:`~ambient.errors.AmbientInputError` naming the file and the reason (no space left, not
 writable). Snapshots (folders of several files with a completeness marker) build on these
-pieces in :mod:`ambient.checkpoint`.
+pieces in :mod:`ambient.store.snapshots`.
 """
 
 from __future__ import annotations
@@ -185,3 +185,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             if any(rest.strip() for rest in lines[number:]):
                 raise AmbientInputError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
     return rows
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

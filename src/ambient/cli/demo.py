@@ -1,10 +1,10 @@
-"""`ambient demo`: a naive and an ambient model on the same corrupted images, side by side (ambient.demo)."""
+"""`ambient demo`: a naive and an ambient model on the same corrupted images, side by side (ambient.learners.demo)."""
 
 from __future__ import annotations
 
 import click
 
-from ambient.demo import DEFAULT_DATA, MAX_REF, MAX_SAMPLES, DemoConfig
+from ambient.learners.demo import DEFAULT_DATA, MAX_REF, MAX_SAMPLES, DemoConfig
 
 _D = DemoConfig()
 
@@ -30,7 +30,7 @@ _D = DemoConfig()
 @click.option("--progress/--no-progress", default=True)
 def demo_command(outdir, data, data_dir, p, delta, kimg, arch, seed, num_samples, num_ref, progress):
     """Train a naive and an ambient model on the same corrupted images; write demo.png and print their KIDs."""
-    from ambient.demo import run_demo
+    from ambient.learners.demo import run_demo
 
     cfg = DemoConfig(outdir=outdir, data=data, data_dir=data_dir, corruption_probability=p, delta_probability=delta,
                      kimg=kimg, arch=arch, seed=seed, num_samples=num_samples, num_ref=num_ref)

@@ -1,10 +1,10 @@
-"""`ambient em`: flags → EMConfig → ambient.em.run_em."""
+"""`ambient em`: flags → EMConfig → ambient.learners.em.run_em."""
 
 from __future__ import annotations
 
 import click
 
-from ambient.em import EMConfig
+from ambient.learners.em import EMConfig
 
 _D = EMConfig()
 
@@ -74,7 +74,7 @@ def em_command(threads, progress, **kwargs):
     """Learn a full-image diffusion model from masked observations by EM (Gaussian lap 0, then MMPS E-steps)."""
     import torch
 
-    from ambient.em import run_em
+    from ambient.learners.em import run_em
 
     if threads:
         torch.set_num_threads(threads)

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ambient.corruption import PATTERNS
+from ambient.data.corruption import PATTERNS
 
 
 @click.command("finetune")
@@ -18,7 +18,7 @@ from ambient.corruption import PATTERNS
               help="Snapshots, stats.jsonl and the exported diffusers folder go here.")
 @click.option("--corruption-pattern", type=click.Choice(PATTERNS), default="dust", show_default=True)
 @click.option("--corruption-probability", type=float, default=0.0, show_default=True,
-              help="p in [0, 1): what the mask A hides (see ambient.corruption).")
+              help="p in [0, 1): what the mask A hides (see ambient.data.corruption).")
 @click.option("--delta-probability", type=float, default=0.0, show_default=True,
               help="δ in [0, 1): what the further mask Ã hides on top of A.")
 @click.option("--mask-full-rgb/--no-mask-full-rgb", default=None,
@@ -58,9 +58,10 @@ def finetune_command(dry_run: bool, **options) -> None:
 
     The result in --outdir is a diffusers folder (unet/, scheduler/) plus config.json with
     "kind": "finetune", which `ambient sample --model OUTDIR` and
-    ambient.finetune.load_finetuned read.
+    ambient.store.finetuned.load_finetuned read.
     """
-    from ambient.finetune import FinetuneConfig, finetune
+    from ambient.learners.finetune import finetune
+    from ambient.learners.finetune_config import FinetuneConfig
 
     config = FinetuneConfig(**options).validate()
     if dry_run:

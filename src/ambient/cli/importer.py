@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.corruption import PATTERNS
+from ambient.data.corruption import PATTERNS
 
 
 @click.command("import")
@@ -23,8 +23,8 @@ from ambient.corruption import PATTERNS
 def import_command(pkl, training_options, out, **corruption):
     """Import a reference / EDM checkpoint with a restricted unpickler (an allow-list of globals; embedded
     source code is never run). The folder works with sample, eval and neighbors like any trained model."""
-    from ambient.importer import import_checkpoint
-    from ambient.model import load_model
+    from ambient.store.importer import import_checkpoint
+    from ambient.store.models import load_model
 
     path = import_checkpoint(pkl, out, training_options, corruption)
     spec = load_model(path).sampling

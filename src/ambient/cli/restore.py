@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.restore import METHODS, SOLVERS, RestoreConfig
+from ambient.sampling.restore import METHODS, SOLVERS, RestoreConfig
 
 _D = RestoreConfig()
 
@@ -40,10 +40,10 @@ _D = RestoreConfig()
 def restore_command(model, data, out, method, steps, cg_iters, num_per_image, sigma_y, seed, batch, dps_step,
                     solver, max_size, ema, device):
     """Draw clean images consistent with corrupted observations (posterior sampling)."""
-    from ambient.data import load_dataset
+    from ambient.data.datasets import load_dataset
     from ambient.distributed import resolve_device
-    from ambient.model import load_model
-    from ambient.restore import check_inputs, check_restore_out, restore_distributed, write_restored
+    from ambient.sampling.restore import check_inputs, check_restore_out, restore_distributed, write_restored
+    from ambient.store.models import load_model
 
     out = check_restore_out(out, data)
     cfg = RestoreConfig(method=method, steps=steps, cg_iters=cg_iters, num_per_image=num_per_image,

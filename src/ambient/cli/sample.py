@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from ambient.sampling import CLIPS, SOLVERS
+from ambient.sampling.fixed_mask import CLIPS, SOLVERS
 
 
 def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
-    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (see :func:`ambient.generate.parse_int_list`)."""
-    from ambient.generate import parse_int_list
+    """The reference's seed lists: ``0-49999``, ``0,5,10-19`` (see :func:`ambient.sampling.generate.parse_int_list`)."""
+    from ambient.sampling.generate import parse_int_list
 
     return parse_int_list(text, flag=flag)
 
@@ -46,10 +46,16 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
 def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance_scale, batch, solver, clip, ema,
                    device, class_idx, classes_text):
     """Generate images from a trained model with the ambient sampler."""
-    from ambient.conditional import resolve_classes, sample_classes
     from ambient.distributed import resolve_device
-    from ambient.generate import check_sample_out, sample_distributed, seed_range, write_samples
-    from ambient.model import load_model
+    from ambient.sampling.generate import (
+        check_sample_out,
+        resolve_classes,
+        sample_classes,
+        sample_distributed,
+        seed_range,
+        write_samples,
+    )
+    from ambient.store.models import load_model
 
     if seeds_text is not None:
         if num is not None or seed is not None:

@@ -1,12 +1,13 @@
-"""`ambient train`: flags → TrainConfig → ambient.train.train."""
+"""`ambient train`: flags → TrainConfig → ambient.learners.train.train."""
 
 from __future__ import annotations
 
 import click
 
-from ambient.config import ARCHS, OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
-from ambient.corruption import PATTERNS
-from ambient.loss import NORMALIZATIONS, WEIGHTINGS
+from ambient.data.corruption import PATTERNS
+from ambient.learners.train_config import OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
+from ambient.nets.registry import ARCHS
+from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS
 
 _D = TrainConfig()
 
@@ -27,7 +28,8 @@ TRAIN_OPTIONS = [
     ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
     ("arch", click.Choice(ARCHS), "Backbone preset: diffusers UNets, or the paper's DDPM++ (ddpmpp-*)."),
     ("arch_kwargs", str, "ddpmpp-* only: JSON of network options over the preset, e.g. "
-                         "'{\"model_channels\": 64, \"dropout\": 0.1}' (names of ambient.songunet.SongUNetConfig)."),
+                         "'{\"model_channels\": 64, \"dropout\": 0.1}' "
+                         "(names of ambient.nets.songunet.SongUNetConfig)."),
     ("batch", int, "Global batch size."),
     ("lr", float, "Adam learning rate (after warm-up)."),
     ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
@@ -40,8 +42,9 @@ TRAIN_OPTIONS = [
     ("loss_normalize", click.Choice(NORMALIZATIONS), "mean over observed pixels, or the paper's plain sum."),
     ("loss_weighting", click.Choice(WEIGHTINGS), "edm: the paper's w(σ) on every graded pixel; pixel: 1/σ_d² on the "
                                                  "graded pixels Ã hides; tilted: pixel's weights, half the batch's σ "
-                                                 "drawn where the sampler reads hidden pixels (ambient.loss, "
-                                                 "docs/fidelity.md). Default: tilted with --mask-aware, edm without; "
+                                                 "drawn where the sampler reads hidden pixels "
+                                                 "(ambient.objectives.losses, docs/fidelity.md). Default: tilted with "
+                                                 "--mask-aware, edm without; "
                                                  "a resumed run keeps its own (runs from before the option: edm)."),
     ("mask_aware", bool, "Mask-aware preconditioning (c_skip=0, c_out=σ_data at hidden pixels)."),
     ("cond", bool, "Class-conditional (labels from the data; needs a ddpmpp-* --arch); sample with --class."),
@@ -83,8 +86,8 @@ def train_options(func):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train_command(dry_run: bool, progress: bool, **kwargs):
     """Train a denoiser on corrupted data (ambient) or as a naive/clean EDM baseline."""
-    from ambient.train import dry_run as resolve
-    from ambient.train import train
+    from ambient.learners.train import dry_run as resolve
+    from ambient.learners.train import train
 
     cfg = TrainConfig(**kwargs)
     if dry_run:

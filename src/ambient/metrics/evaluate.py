@@ -1,6 +1,6 @@
 """Whole evaluations from data specs, as run by ``ambient eval ...`` and ``ambient neighbors``.
 
-A spec is anything :func:`ambient.data.load_images` reads (folder, EDM zip, npz, ``builtin:NAME``)
+A spec is anything :func:`ambient.data.datasets.load_images` reads (folder, EDM zip, npz, ``builtin:NAME``)
 or, for FID, a statistics npz holding ``mu`` and ``sigma`` (EDM's reference format). KID needs
 features, so it is None when either side is a statistics file without a ``features`` array
 (EDM's files have none; ``ambient eval ref`` stores them unless told not to).
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ambient import distributed as dist_utils
+from ambient.data.images import save_png
 from ambient.errors import AmbientInputError
 from ambient.folders import OTHER, describe, folder_kind_why
-from ambient.images import save_png
 from ambient.io import atomic_write_json
 from ambient.metrics.features import cached_features
 from ambient.metrics.fid import (
@@ -82,7 +82,7 @@ def write_json(path: str | os.PathLike, obj: dict, flag: str = "--json") -> Path
 
 def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.Tensor:
     """uint8 (N, C, H, W) images of ``spec`` (at least 2), errors naming ``flag``."""
-    from ambient.data import load_images
+    from ambient.data.datasets import load_images
 
     spec = str(spec)
     if not spec.strip():

@@ -4,7 +4,7 @@ FID and KID are only comparable across papers when every step matches the refere
 implementation (NVlabs StyleGAN2-ADA / EDM, clean-fid's "legacy_tensorflow" mode):
 
 1. Images are quantised to uint8 first (float images in [-1, 1] through
-   :func:`ambient.images.float_to_uint8`, as EDM does), exactly what a written PNG would hold.
+   :func:`ambient.data.images.float_to_uint8`, as EDM does), exactly what a written PNG would hold.
 2. Grayscale images are repeated to 3 channels; other channel counts are refused.
 3. The uint8 values, as float32 in 0..255, are resized to 299 x 299 with bilinear
    interpolation in float (no re-quantisation, no antialiasing): ``grid_sample`` with border
@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ambient.data.images import float_to_uint8
 from ambient.errors import AmbientInputError
-from ambient.images import float_to_uint8
 from ambient.io import atomic_write
 
 FEATURE_DIM = 2048

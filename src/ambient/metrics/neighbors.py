@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ambient.data.images import images_uint8_to_float
 from ambient.errors import AmbientInputError
-from ambient.images import images_uint8_to_float
 from ambient.metrics.inception import file_sha256, load_inception, to_rgb, to_uint8
 
 FEATURE_KINDS = ("inception", "dinov2", "pixels")

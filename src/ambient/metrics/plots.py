@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ambient.images import make_grid
+from ambient.data.images import make_grid
 from ambient.metrics.inception import to_rgb, to_uint8
 
 SAMPLE_COLOR = (31, 119, 180)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ambient.images import images_uint8_to_float
+from ambient.data.images import images_uint8_to_float
 
 
 def _as_rows(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,0 +1,375 @@
+"""The EM learner (``ambient em``): a full-image diffusion model learnt from masked observations.
+
+Lap 0 fits a Gaussian prior to the observations by closed-form missing-data EM
+(:mod:`ambient.learners.gaussian_prior`) and completes them with its posterior mean (``lap0="mean"``, the
+default) or with exact draws of its posterior (``lap0="sample"``, as DiEM does); lap ℓ ≥ 1
+completes them with posterior samples (MMPS, :mod:`ambient.sampling.posterior`) of the model of lap ℓ − 1
+(E-step). Every lap then trains an ordinary full-image EDM model on its completions (M-step:
+``objective="naive"``, no masks), warm-started from the previous lap's EMA weights with a fresh
+optimizer. The run folder::
+
+    RUN/em_config.json         the EMConfig and the data's fingerprint (a resume with other data is refused)
+    RUN/gaussian.npz           the lap-0 prior (mean, loading, noise) and its log-likelihood per iteration
+    RUN/completions/lap-XX.npz the lap's completed images (uint8, ``images``) and the observations' ``index``
+    RUN/lap-XX/                the lap's model: an ordinary training outdir
+    RUN/stats.jsonl            one line per finished lap (E-step time and network calls, M-step loss, wall time)
+    RUN/model_pointer.json     {"model": "lap-XX"}, the last finished lap: ``ambient sample --model RUN`` uses it
+
+Resuming: the same call continues where it stopped: a finished lap is skipped, an E-step keeps
+its finished batches (``completions/lap-XX.parts/``), an M-step resumes from its latest snapshot.
+Draws are per observation (seeded by (seed, lap, index)), so batches do not change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambient.configbase import dataclass_from_dict
+from ambient.data.corruption import PATTERNS, Corruption, mix_seed
+from ambient.data.datasets import ImageDataset, check_masks, load_dataset
+from ambient.data.images import float_to_uint8, to_hwc
+from ambient.distributed import resolve_device
+from ambient.errors import AmbientInputError
+from ambient.folders import EM_RUN, claim_outdir, stamped
+from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl, read_npz
+from ambient.learners.gaussian_prior import NOISES, GaussianPrior, fit_gaussian
+from ambient.learners.train_config import TrainConfig
+from ambient.nets.registry import ARCHS
+from ambient.sampling.posterior import ambient_mean, mmps_samples
+from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
+
+_SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
+LAP0 = ("mean", "sample")
+RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
+
+
+@dataclass
+class EMConfig:
+    """An EM run; field names match the ``ambient em`` flags (``lap_kimg`` ↔ ``--lap-kimg``)."""
+
+    data: str = "builtin:fashion-mnist"
+    outdir: str = "runs/em"
+    data_dir: str | None = None
+    max_size: int | None = None
+    corruption_pattern: str = "dust"  # masks drawn per image when the data has none (as ambient train)
+    corruption_probability: float = 0.0
+    mask_full_rgb: bool = False
+    laps: int = 4
+    lap_kimg: float = 10.0
+    estep_size: int | None = None  # observations completed per lap (None: all)
+    pool: bool = True  # M-steps train on completions of every observation, estep_size of them redrawn per lap
+    rank: int = 64
+    gaussian_noise: str = "diagonal"
+    gaussian_iters: int = 16
+    gaussian_size: int | None = 10000  # observations the Gaussian is fitted on (None: all)
+    steps: int = 18
+    cg_iters: int = 1
+    sigma_y: float = 1e-3
+    solver: str = "heun"
+    estep_batch: int = 64
+    arch: str = "small"
+    batch: int = 64
+    lr: float = 1e-3
+    lr_warmup_kimg: float = 1.0
+    ema: float = 0.5
+    snapshot_kimg: float = 5.0
+    grid_samples: int = 16
+    seed: int = 0
+    device: str = "auto"
+    init: str | None = None  # an ambient (mask-input) model: lap 0 starts from its posterior mean (see lap0)
+    lap0: str = "mean"  # lap 0's completions: the posterior "mean", or exact posterior draws ("sample")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EMConfig:
+        return dataclass_from_dict(cls, d, "em")
+
+    def validate(self) -> EMConfig:
+        def bad(name: str, why: str):
+            raise AmbientInputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+
+        def is_int(v, lo):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+        for name in ("laps", "rank", "steps", "cg_iters", "estep_batch", "batch"):
+            if not is_int(getattr(self, name), 1):
+                bad(name, "must be an integer >= 1")
+        for name in ("estep_size", "gaussian_size", "max_size"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
+                bad(name, "must be an integer >= 1")
+        if not is_int(self.gaussian_iters, 0):
+            bad("gaussian_iters", "must be an integer >= 0")
+        for name in ("lap_kimg", "lr", "snapshot_kimg"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(name, "must be positive")
+        for name in ("sigma_y", "lr_warmup_kimg", "ema"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                bad(name, "must be >= 0")
+        if not 0 <= self.corruption_probability < 1:
+            bad("corruption_probability", "must be in [0, 1)")
+        for name, allowed in (("corruption_pattern", PATTERNS), ("gaussian_noise", NOISES), ("arch", ARCHS),
+                              ("solver", ("heun", "euler")), ("lap0", LAP0)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {', '.join(allowed)}")
+        if not is_int(self.grid_samples, 0):
+            bad("grid_samples", "must be an integer >= 0")
+        if not self.outdir:
+            bad("outdir", "must not be empty")
+        return self
+
+
+def load_observations(cfg: EMConfig) -> ImageDataset:
+    """The observations (y, A): the data's masks, else masks drawn per image as ``ambient train`` draws them."""
+    corruption = (Corruption(cfg.corruption_pattern, cfg.corruption_probability, 0.0, cfg.mask_full_rgb)
+                  if cfg.corruption_probability > 0 else None)
+    return load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, corruption=corruption,
+                        seed=cfg.seed)
+
+
+class EMRun:
+    """One EM run folder (see the module doc); :meth:`run` does or resumes every lap."""
+
+    def __init__(self, cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool = False):
+        self.cfg = cfg.validate()
+        self.root = Path(cfg.outdir)
+        claim_outdir(self.root, EM_RUN, command="ambient em")
+        resolve_device(cfg.device)  # checked now, not at the first M-step (after lap 0 wrote its files)
+        self.log = log
+        self.progress = progress
+        data = load_observations(cfg)
+        if not data.has_data_masks and cfg.corruption_probability == 0:
+            raise AmbientInputError(f"--data {cfg.data}: no masks and --corruption-probability 0, so nothing is "
+                                    "hidden (give observations with masks, or a probability to draw them)")
+        notice = check_masks(data, cfg.data)
+        if notice:
+            log(notice)
+        _ = data.resolution  # non-square images: a one-line error now, not after lap 0
+        if cfg.estep_size is not None and cfg.estep_size > len(data):
+            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(data)} observations "
+                                    f"in --data {cfg.data}")
+        self.data = data
+        self.y, self.mask = data.batch(torch.arange(len(data)))
+        self.meta = {"fingerprint": fingerprint(self.y, self.mask), "num_images": len(data),
+                     "shape": list(data.shape), "observed_share": float(self.mask.mean())}
+        self.init_model = self._load_init() if cfg.init is not None else None
+        pixels = self.y[0].numel()
+        if self.cfg.rank > pixels:  # the Gaussian's rank cannot exceed the pixel count: record the rank used
+            log(f"notice: --rank {self.cfg.rank}: the observations have {pixels} pixels; using rank {pixels}")
+            self.cfg = replace(self.cfg, rank=pixels)
+        self._check_resume()
+
+    def _load_init(self):
+        try:
+            loaded = load_model(self.cfg.init)
+        except AmbientInputError as exc:
+            raise AmbientInputError(str(exc).replace("--model", "--init", 1)) from None
+        if not loaded.sampling.uses_masks or loaded.model is None or not loaded.model.mask_channels:
+            raise AmbientInputError(f"--init {self.cfg.init}: not an ambient (mask-input) model; lap 0 starts from "
+                                    f"an ambient model's posterior mean{reimport_hint(loaded)}")
+        if loaded.model.label_dim:
+            raise AmbientInputError(f"--init {self.cfg.init}: a class-conditional model ({loaded.model.label_dim} "
+                                    "classes); lap 0 completes unlabelled observations, so --init takes an "
+                                    "unconditional ambient model")
+        if tuple(loaded.image_shape) != tuple(self.data.shape):
+            raise AmbientInputError(f"--init {self.cfg.init}: trained on images of shape {loaded.image_shape}, the "
+                                    f"observations are {tuple(self.data.shape)}")
+        return loaded
+
+    # ------------------------------------------------------------------ folder
+    def lap_dir(self, lap: int) -> Path:
+        return self.root / f"lap-{lap:02d}"
+
+    def completions_path(self, lap: int) -> Path:
+        return self.root / "completions" / f"lap-{lap:02d}.npz"
+
+    def training_data(self, lap: int) -> Path:
+        """What lap ``lap``'s M-step trains on: its own completions, or (pool) every observation's latest."""
+        if not self.cfg.pool or lap == 0 or self.cfg.estep_size is None:
+            return self.completions_path(lap)
+        path = self.root / "completions" / f"pool-{lap:02d}.npz"
+        if not path.is_file():
+            pool = read_npz(self.training_data(lap - 1))
+            fresh = read_npz(self.completions_path(lap))
+            images = pool["images"].copy()
+            images[fresh["index"]] = fresh["images"]
+            atomic_save_npz(path, images=images, index=pool["index"])
+        return path
+
+    def finished_laps(self) -> list[dict]:
+        path = self.root / "stats.jsonl"
+        return read_jsonl(path) if path.is_file() else []
+
+    def _check_resume(self) -> None:
+        path = self.root / "em_config.json"
+        if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
+            return
+        saved = read_json(path)
+        old, meta = saved.get("em", {}), saved.get("data", {})
+        if old and "lap0" not in old:  # runs from before the lap0 option drew exact Gaussian posterior samples
+            old["lap0"] = "sample"
+        if isinstance(old.get("rank"), int) and old["rank"] > self.y[0].numel():  # recorded as given, before
+            old["rank"] = self.y[0].numel()  # runs recorded the rank used
+        if meta.get("fingerprint") != self.meta["fingerprint"]:
+            raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
+                                    f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
+                                    "other pixels or masks); use another --outdir")
+        for key, value in self.cfg.to_dict().items():
+            if key not in RESUMABLE and key in old and old[key] != value:
+                raise AmbientInputError(f"--{key.replace('_', '-')} is {value!r} but the run in {self.root} "
+                                        f"used {old[key]!r}; use the same value or another --outdir")
+
+    # ------------------------------------------------------------------ laps
+    def run(self) -> Path:
+        """Do or resume every lap; a run whose ``--laps`` laps are all finished is left as it is (one line
+        says so). The run folder is locked while laps run: a second process on it is refused."""
+        from ambient.learners.runlog import OutdirLock, check_writable
+
+        done = sorted(row["lap"] for row in self.finished_laps())
+        if all(lap in done for lap in range(self.cfg.laps)):  # finished, or --laps lowered: change nothing
+            self.log(f"nothing to do: {self.root} already has {len(done)} finished lap(s), at or past --laps "
+                     f"{self.cfg.laps} (a larger --laps runs more)")
+            return self.root
+        with OutdirLock() as lock:
+            check_writable(self.root)
+            lock.acquire(self.root)  # a second process on this run folder is refused here
+            return self._run_laps()
+
+    def _run_laps(self) -> Path:
+        atomic_write_json(self.root / "em_config.json",
+                          stamped({"em": self.cfg.to_dict(), "data": self.meta}, EM_RUN))
+        done = {row["lap"] for row in self.finished_laps()}
+        for lap in range(self.cfg.laps):
+            if lap in done:
+                continue
+            started = time.perf_counter()
+            extra = self.gaussian_lap() if lap == 0 else self.estep(lap)
+            mstep_started = time.perf_counter()
+            loss = self.mstep(lap)
+            row = {"lap": lap, **extra, "mstep_seconds": time.perf_counter() - mstep_started, "mstep_loss": loss,
+                   "mstep_kimg": self.cfg.lap_kimg, "lap_seconds": time.perf_counter() - started,
+                   "time": time.time()}
+            append_jsonl(self.root / "stats.jsonl", row)
+            (self.root / "completions" / f"pool-{lap - 1:02d}.npz").unlink(missing_ok=True)  # lap's pool supersedes it
+            atomic_write_json(self.root / MODEL_POINTER, {"model": self.lap_dir(lap).name})
+            self.log(f"lap {lap}: E-step {extra['estep_seconds']:.1f} s, M-step loss {loss}")
+        return self.root
+
+    def gaussian_lap(self) -> dict:
+        """Lap 0's E-step: fit (or reload) the Gaussian prior, then complete the observations with its posterior
+        mean or draws (or with the --init model's posterior mean; then the Gaussian is fitted only for draws)."""
+        cfg, started = self.cfg, time.perf_counter()
+        prior, history = (None, [None]) if self.init_model is not None and cfg.lap0 == "mean" else self.gaussian()
+        out = self.completions_path(0)
+        idx = subset(len(self.data), None if cfg.pool else cfg.estep_size, _SUBSET, cfg.seed, 0)  # Gaussian: cheap
+        if not out.is_file():
+            y, mask = self.y[idx], self.mask[idx]
+            seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
+            if self.init_model is None:
+                done = prior.sample_posterior(y, mask, seeds) if cfg.lap0 == "sample" else prior.posterior_mean(y, mask)
+            else:
+                done = ambient_mean(self.init_model.denoiser, y, mask).double()
+                if cfg.lap0 == "sample":  # + the Gaussian posterior's residual (draw minus its mean)
+                    done = done + prior.sample_posterior(y, mask, seeds) - prior.posterior_mean(y, mask)
+            done = (mask * y + (1 - mask) * done).float()
+            atomic_save_npz(out, images=to_hwc(done), index=idx.numpy())
+        return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
+                "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank if prior else None}
+
+    def gaussian(self) -> tuple[GaussianPrior, list[float]]:
+        """The lap-0 Gaussian prior and its log-likelihood per iteration: fitted once, then reloaded."""
+        cfg, path = self.cfg, self.root / "gaussian.npz"
+        if path.is_file():
+            z = read_npz(path)
+            return GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
+        fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
+        prior, history = fit_gaussian(self.y[fit], self.mask[fit], cfg.rank,
+                                      cfg.gaussian_iters, noise=cfg.gaussian_noise,
+                                      callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
+        atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
+        return prior, history
+
+    def estep(self, lap: int) -> dict:
+        """Lap ``lap``'s E-step with the model of lap − 1, a batch at a time (finished batches kept)."""
+        cfg = self.cfg
+        out = self.completions_path(lap)
+        parts = out.with_suffix(".parts")
+        idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, lap)
+        if not out.is_file():
+            device = resolve_device(cfg.device)
+            loaded = load_model(self.lap_dir(lap - 1), device=device)
+            parts.mkdir(parents=True, exist_ok=True)
+            chunks = [idx[s:s + cfg.estep_batch] for s in range(0, len(idx), cfg.estep_batch)]
+            for k, chunk in enumerate(chunks):
+                part = parts / f"part-{k:05d}.npz"
+                if part.is_file():
+                    continue
+                t0 = time.perf_counter()
+                seeds = [mix_seed(_DRAW, cfg.seed, lap, i) for i in chunk.tolist()]
+                images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device), self.mask[chunk].to(device),
+                                             seeds, steps=cfg.steps, cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y,
+                                             solver=cfg.solver)
+                atomic_save_npz(part, images=to_hwc(images.cpu()), seconds=np.float64(time.perf_counter() - t0),
+                                forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]))
+                if self.progress:
+                    self.log(f"lap {lap} E-step: {min((k + 1) * cfg.estep_batch, len(idx))}/{len(idx)} images")
+            loaded_parts = [read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
+            stats = {"estep_seconds": float(sum(p["seconds"] for p in loaded_parts)),
+                     "estep_forward": int(sum(p["forward"] for p in loaded_parts)),
+                     "estep_vjp": int(sum(p["vjp"] for p in loaded_parts)), "estep_images": len(idx)}
+            atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
+                            **{k: np.asarray(v) for k, v in stats.items()})
+            shutil.rmtree(parts, ignore_errors=True)
+        z = read_npz(out)
+        return {k: (int(z[k]) if k != "estep_seconds" else float(z[k]))
+                for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images")}
+
+    def train_config(self, lap: int) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(data=str(self.training_data(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
+                           corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
+                           lr_warmup_kimg=cfg.lr_warmup_kimg, kimg=cfg.lap_kimg, ema=cfg.ema,
+                           snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
+                           grid_samples=cfg.grid_samples, seed=mix_seed(_MSTEP, cfg.seed, lap) % 2**31,
+                           device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)
+
+    def mstep(self, lap: int) -> float | None:
+        from ambient.learners.train import train
+
+        train(self.train_config(lap), progress=self.progress, log=self.log)
+        rows = read_jsonl(self.lap_dir(lap) / "stats.jsonl") if (self.lap_dir(lap) / "stats.jsonl").is_file() else []
+        losses = [r.get("loss") for r in rows if r.get("loss") is not None]
+        return float(losses[-1]) if losses else None
+
+
+def run_em(cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Run (or resume) the EM learner as configured; returns the run folder. ``ambient em`` calls this."""
+    return EMRun(replace(cfg), log=log, progress=progress).run()
+
+
+def fingerprint(y: torch.Tensor, mask: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(y.shape)).encode())
+    h.update(float_to_uint8(y).numpy().tobytes())
+    h.update(mask.to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def subset(n: int, size: int | None, *parts: int) -> torch.Tensor:
+    """Sorted indices of ``size`` of n observations, a pure function of ``parts`` (all when size covers n)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(mix_seed(*parts))
+    return torch.randperm(n, generator=g)[:size].sort().values

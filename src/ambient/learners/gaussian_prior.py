@@ -1,0 +1,256 @@
+"""A Gaussian prior learnt from masked images by closed-form missing-data EM, and its exact posterior.
+
+The model (factor analysis / probabilistic PCA on flattened images, d = C·H·W):
+
+    x = μ + W z + ε,   z ~ N(0, I_r),   ε ~ N(0, diag(ψ)),   so  x ~ N(μ, W Wᵀ + diag(ψ)),
+
+with ψ one value for every pixel (``noise="isotropic"``: probabilistic PCA of rank r) or one per
+pixel (``noise="diagonal"``: diagonal plus rank r, the form DiEM's lap 0 uses). An observation is
+(y, A): the pixels O = {A = 1} of x, exactly. Given O, with Ψ_O = diag(ψ_O),
+
+    M = I + W_Oᵀ Ψ_O⁻¹ W_O,   z | y ~ N(M⁻¹ W_Oᵀ Ψ_O⁻¹ (y_O − μ_O), M⁻¹),   x_H = μ_H + W_H z + ε_H,
+
+which is exactly x_H | y_O under N(μ, W Wᵀ + diag(ψ)) (ε_H is independent of y_O given z).
+
+EM treats (z, x_H) as latent. The E-step accumulates, in batches, the expected sufficient
+statistics of the regression of each pixel x_d on z̃ = [z; 1]; the M-step solves it for [w_d; μ_d]
+jointly and sets ψ from the expected residuals. Each iteration cannot decrease the observed-data
+log-likelihood Σ_n log N(y_O; μ_O, W_O W_Oᵀ + Ψ_O) (computed with the determinant lemma). All
+arithmetic is float64; batches are sized so that the (batch, d, r) work array stays under
+``memory_mb``. Per-image results (posterior means and draws) are computed one image at a time, so they
+are the same bit for bit whatever the batch size (see :func:`_flat_items`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ambient.data.corruption import mix_seed
+
+NOISES = ("diagonal", "isotropic")
+_POSTERIOR_STREAM = 0x6A55
+_PSI_FLOOR = 1e-6
+
+
+@dataclass
+class GaussianPrior:
+    """N(mean, loading loadingᵀ + diag(noise)) over images of ``shape`` (C, H, W); float64 tensors."""
+
+    mean: torch.Tensor  # (d,)
+    loading: torch.Tensor  # (d, r)
+    noise: torch.Tensor  # (d,) ψ per pixel (all equal when isotropic)
+    shape: tuple[int, int, int]
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.numel())
+
+    @property
+    def rank(self) -> int:
+        return int(self.loading.shape[1])
+
+    def covariance(self) -> torch.Tensor:
+        """The dense d×d covariance W Wᵀ + diag(ψ) (for tests and small d)."""
+        return self.loading @ self.loading.T + torch.diag(self.noise)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean.numpy(), "loading": self.loading.numpy(), "noise": self.noise.numpy(),
+                "shape": np.asarray(self.shape, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> GaussianPrior:
+        return cls(torch.as_tensor(np.asarray(arrays["mean"]), dtype=torch.float64),
+                   torch.as_tensor(np.asarray(arrays["loading"]), dtype=torch.float64),
+                   torch.as_tensor(np.asarray(arrays["noise"]), dtype=torch.float64),
+                   tuple(int(v) for v in np.asarray(arrays["shape"])))
+
+    # ------------------------------------------------------------------ posterior of z given y_O
+    def _posterior(self, y: torch.Tensor, mask: torch.Tensor):
+        """For flat float64 (B, d) y and mask: (centred y·m, mean of z, Cholesky factor L of M, b)."""
+        yc = (y - self.mean) * mask
+        a = mask / self.noise  # Ψ_O⁻¹ on O, 0 on H
+        big_m = self.loading.T @ (a[:, :, None] * self.loading)  # (B, r, r) = W_Oᵀ Ψ_O⁻¹ W_O
+        big_m.diagonal(dim1=1, dim2=2).add_(1.0)
+        chol = torch.linalg.cholesky(big_m)
+        b = (a * yc) @ self.loading  # (B, r)
+        ez = torch.cholesky_solve(b[:, :, None], chol)[:, :, 0]
+        return yc, ez, chol, b
+
+    def log_likelihood(self, y: torch.Tensor, mask: torch.Tensor, memory_mb: float = 256) -> torch.Tensor:
+        """log N(y_O; μ_O, W_O W_Oᵀ + Ψ_O) per image, (N,) float64."""
+        out = []
+        for yb, mb in _flat_batches(y, mask, self.dim, self.rank, memory_mb):
+            yc, ez, chol, b = self._posterior(yb, mb)
+            out.append(_loglik(yc, mb, self.noise, ez, chol, b))
+        return torch.cat(out)
+
+    def posterior_mean(self, y: torch.Tensor, mask: torch.Tensor, memory_mb: float = 256) -> torch.Tensor:
+        """E[x | y_O]: y on O, μ_H + W_H E[z | y] on H; shaped like ``y``, float64."""
+        out = []
+        for yb, mb in _flat_items(y, mask, self.dim, self.rank, memory_mb):
+            _, ez, _, _ = self._posterior(yb, mb)
+            out.append(mb * yb + (1 - mb) * (self.mean + ez @ self.loading.T))
+        return torch.cat(out).reshape(y.shape)
+
+    def sample_posterior(self, y: torch.Tensor, mask: torch.Tensor, seeds: Sequence[int],
+                         memory_mb: float = 256) -> torch.Tensor:
+        """One exact draw of x | y_O per image; observed pixels returned unchanged (float64, y's shape).
+
+        Image i's noise comes from its own generator seeded by ``mix_seed(stream, seeds[i])`` and its
+        linear algebra runs on its own (see :func:`_flat_items`), so a draw depends only on (prior,
+        y_i, A_i, seeds[i]), bit for bit, not on the batch or slice it is drawn in.
+        """
+        if len(seeds) != y.shape[0]:
+            raise ValueError(f"seeds: need one per image ({y.shape[0]}), got {len(seeds)}")
+        out = []
+        for (yb, mb), s in zip(_flat_items(y, mask, self.dim, self.rank, memory_mb), seeds):
+            _, ez, chol, _ = self._posterior(yb, mb)
+            g = torch.Generator().manual_seed(mix_seed(_POSTERIOR_STREAM, int(s)))
+            eps_z = torch.randn(1, self.rank, generator=g, dtype=torch.float64)
+            eps_x = torch.randn(1, self.dim, generator=g, dtype=torch.float64)
+            # z = E[z] + L⁻ᵀ ε has covariance (L Lᵀ)⁻¹ = M⁻¹
+            z = ez + torch.linalg.solve_triangular(chol.transpose(1, 2), eps_z[:, :, None], upper=True)[:, :, 0]
+            hidden = self.mean + z @ self.loading.T + self.noise.sqrt() * eps_x
+            out.append(mb * yb + (1 - mb) * hidden)
+        return torch.cat(out).reshape(y.shape)
+
+
+def _loglik(yc, mask, noise, ez, chol, b) -> torch.Tensor:
+    k = mask.sum(1)
+    logdet = 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1) + (mask * noise.log()).sum(1)
+    quad = (yc * yc / noise).sum(1) - (b * ez).sum(1)
+    return -0.5 * (k * math.log(2 * math.pi) + logdet + quad)
+
+
+def _batch_size(d: int, r: int, memory_mb: float) -> int:
+    per_image = 8 * (d * (r + 2) + 4 * d + 2 * (r + 1) ** 2)
+    return max(1, int(memory_mb * 2**20 // per_image))
+
+
+def _flat_batches(y: torch.Tensor, mask: torch.Tensor, d: int, r: int, memory_mb: float):
+    """(y, mask) flattened to float64 (B, d), a memory-sized batch at a time."""
+    if y.shape != mask.shape or y[0].numel() != d:
+        raise ValueError(f"y and mask must have the same shape with {d} values per image, "
+                         f"got {tuple(y.shape)} and {tuple(mask.shape)}")
+    step = _batch_size(d, r, memory_mb)
+    for start in range(0, y.shape[0], step):
+        mb = mask[start:start + step].reshape(-1, d).to(torch.float64)
+        yield mb * y[start:start + step].reshape(-1, d).to(torch.float64), mb
+
+
+def _flat_items(y: torch.Tensor, mask: torch.Tensor, d: int, r: int, memory_mb: float):
+    """Like :func:`_flat_batches`, one image at a time ((1, d) each).
+
+    BLAS and LAPACK choose their blocking, vector paths and threading from the shapes of a call,
+    so a row of a batched matrix product can differ in its last bits with the batch size (seen on
+    AMD EPYC with MKL). Per-image results (posterior means and draws) therefore run every image's
+    linear algebra with the same shapes, whatever batch or slice of observations it comes in.
+    """
+    for yb, mb in _flat_batches(y, mask, d, r, memory_mb):
+        for i in range(yb.shape[0]):
+            yield yb[i:i + 1].clone(), mb[i:i + 1].clone()  # fresh, aligned storage: MKL may differ by alignment
+
+
+def initial_prior(y: torch.Tensor, mask: torch.Tensor, rank: int, memory_mb: float = 256) -> GaussianPrior:
+    """A starting point: observed per-pixel means; the top-``rank`` principal directions of the images
+    filled with those means, rescaled by the observed share; ψ half the mean observed variance."""
+    n, d = y.shape[0], y[0].numel()
+    count = torch.zeros(d, dtype=torch.float64)
+    total = torch.zeros(d, dtype=torch.float64)
+    square = torch.zeros(d, dtype=torch.float64)
+    for yb, mb in _flat_batches(y, mask, d, rank, memory_mb):
+        count += mb.sum(0)
+        total += yb.sum(0)
+        square += (yb * yb).sum(0)
+    mean = total / count.clamp_min(1)
+    var = (square / count.clamp_min(1) - mean**2).clamp_min(0)
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for yb, mb in _flat_batches(y, mask, d, rank, memory_mb):
+        filled = mb * (yb - mean)
+        cov += filled.T @ filled
+    share = float(count.sum() / (n * d))
+    cov /= n * max(share, 1e-3) ** 2  # filling with the mean shrinks off-diagonal covariances by ~share²
+    evals, evecs = torch.linalg.eigh(cov)
+    top = evals.flip(0)[:rank].clamp_min(1e-4)
+    loading = evecs.flip(1)[:, :rank] * top.sqrt()
+    psi = max(0.5 * float(var.mean()), 1e-4)
+    shape = tuple(int(s) for s in y.shape[1:])
+    return GaussianPrior(mean, loading, torch.full((d,), psi, dtype=torch.float64), shape)
+
+
+def em_step(prior: GaussianPrior, y: torch.Tensor, mask: torch.Tensor, noise: str = "diagonal",
+            memory_mb: float = 256, expand: bool = True) -> tuple[GaussianPrior, float]:
+    """One exact EM iteration; returns (new prior, mean observed-data log-likelihood under ``prior``).
+
+    ``expand``: parameter-expanded EM (Liu, Rubin & Wu 1998): the M-step also fits the latent's mean
+    and covariance and folds them back into μ and W. Still monotone; much faster when most pixels are
+    missing (plain EM moves slowly along the directions the latent's fixed N(0, I) law pins)."""
+    d, r = prior.dim, prior.rank
+    w_old = torch.cat([prior.loading, prior.mean[:, None]], dim=1)  # (d, r+1): x_d ≈ w̃_dᵀ z̃
+    s = torch.zeros(r + 1, r + 1, dtype=torch.float64)  # Σ_n E[z̃ z̃ᵀ]
+    h = torch.zeros(d, (r + 1) ** 2, dtype=torch.float64)  # Σ_n (1 − m_nd) E[z̃ z̃ᵀ]_n, per pixel
+    g = torch.zeros(d, r + 1, dtype=torch.float64)  # Σ_n m_nd y_nd E[z̃]_n
+    y2 = torch.zeros(d, dtype=torch.float64)
+    hidden = torch.zeros(d, dtype=torch.float64)
+    loglik = 0.0
+    n = 0
+    for yb, mb in _flat_batches(y, mask, d, r, memory_mb):
+        yc, ez, chol, b = prior._posterior(yb, mb)
+        loglik += float(_loglik(yc, mb, prior.noise, ez, chol, b).sum())
+        eye = torch.eye(r, dtype=torch.float64).expand(yb.shape[0], r, r)
+        cov_z = torch.cholesky_solve(eye, chol)
+        ezt = torch.cat([ez, torch.ones(yb.shape[0], 1, dtype=torch.float64)], dim=1)
+        ezz = ezt[:, :, None] * ezt[:, None, :]
+        ezz[:, :r, :r] += cov_z
+        s += ezz.sum(0)
+        h += (1 - mb).T @ ezz.reshape(yb.shape[0], -1)
+        g += yb.T @ ezt  # yb is zero off O
+        y2 += (yb * yb).sum(0)
+        hidden += (1 - mb).sum(0)
+        n += yb.shape[0]
+    h = h.reshape(d, r + 1, r + 1)
+    rhs = g + torch.einsum("dij,dj->di", h, w_old)  # Σ_n E[x_d z̃]
+    w_new = torch.linalg.solve(s, rhs.T).T
+    ex2 = y2 + hidden * prior.noise + torch.einsum("di,dij,dj->d", w_old, h, w_old)  # Σ_n E[x_d²]
+    psi = ((ex2 - (rhs * w_new).sum(1)) / n).clamp_min(_PSI_FLOOR)
+    if noise == "isotropic":
+        psi = psi.mean().expand(d).clone()
+    loading, mean = w_new[:, :r], w_new[:, -1]
+    if expand:  # PX-EM: the fitted law of z, N(α, Σ_α), folded back into μ and W so that z ~ N(0, I) again
+        alpha = s[:r, r] / n
+        chol = torch.linalg.cholesky(s[:r, :r] / n - torch.outer(alpha, alpha))
+        mean, loading = mean + loading @ alpha, loading @ chol
+    new = GaussianPrior(mean.contiguous(), loading.contiguous(), psi, prior.shape)
+    return new, loglik / n
+
+
+def fit_gaussian(y: torch.Tensor, mask: torch.Tensor, rank: int, iters: int, *, noise: str = "diagonal",
+                 init: GaussianPrior | None = None, memory_mb: float = 256, expand: bool = True,
+                 callback: Callable[[int, float], None] | None = None) -> tuple[GaussianPrior, list[float]]:
+    """Fit N(μ, W Wᵀ + diag(ψ)) of rank ``rank`` to masked images by ``iters`` EM iterations.
+
+    ``y`` (N, C, H, W) with anything at hidden pixels, ``mask`` {0,1} of the same shape. Returns the
+    prior and the mean observed-data log-likelihood per image before each iteration and after the
+    last (``iters + 1`` values, non-decreasing up to rounding).
+    """
+    d = y[0].numel()
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {', '.join(NOISES)}, got {noise!r}")
+    if int(rank) != rank or not 1 <= rank <= d:
+        raise ValueError(f"rank must be an integer in [1, {d}], got {rank!r}")
+    if int(iters) != iters or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    prior = init if init is not None else initial_prior(y, mask, int(rank), memory_mb)
+    history = []
+    for it in range(int(iters)):
+        prior, ll = em_step(prior, y, mask, noise, memory_mb, expand)
+        history.append(ll)
+        if callback is not None:
+            callback(it, ll)
+    history.append(float(prior.log_likelihood(y, mask, memory_mb).mean()))
+    return prior, history

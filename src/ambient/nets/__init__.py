@@ -1,0 +1,13 @@
+"""Networks: denoisers D(x, σ[, mask]) and what builds them.
+
+Modules: ``denoiser`` (the denoiser protocol and EDM preconditioning), ``backbones`` (diffusers UNet
+presets), ``songunet`` and ``ddpmpp`` (the paper's network), ``conditional`` (class labels),
+``gaussian`` (the exact denoiser of a Gaussian and the fixed-mask sampler's exact moments),
+``schedules`` (EDM σ levels, DDPM timesteps), ``pretrained`` (diffusers pipelines, mask-channel
+surgery), ``finetuned`` (a finetuned DDPM UNet as a denoiser), ``registry`` (the architectures,
+``ModelConfig``, ``SamplingSpec``, ``build_denoiser``).
+"""
+
+from ambient.nets.denoiser import Denoiser, MaskDenoiser
+
+__all__ = ["Denoiser", "MaskDenoiser"]

@@ -1,0 +1,6 @@
+"""Training objectives: ``losses`` (the ambient loss and plain EDM's, as loss objects; the σ weightings)
+and ``ddpm`` (the ambient loss for finetuning DDPM-parameterised UNets)."""
+
+from ambient.objectives.losses import AmbientLoss, EDMLoss
+
+__all__ = ["AmbientLoss", "EDMLoss"]

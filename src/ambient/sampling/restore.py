@@ -1,0 +1,240 @@
+"""Restore corrupted observations with a trained model (``ambient restore`` calls this).
+
+Observations come as ``ambient train`` reads them with masks (an npz with ``images`` and
+``masks``, or a folder with ``images/`` and ``masks/``): y = A ⊙ x, A = the mask. Output row
+j = i·M + k is draw k of observation i, with seed ``seed + j``: its starting noise comes from
+the same per-seed generator as ``ambient sample``, so a row does not depend on the batch size or
+the number of torchrun processes. Methods (see :mod:`ambient.sampling.posterior`):
+
+* ``mmps``, ``dps``, ``project``: posterior samples, for models with a full-image denoiser
+  (clean- or naive-trained runs, finetuned diffusers models trained without masks);
+* ``ambient-mean``: for ambient (mask-input) models, D(A ⊙ y, σ_obs, A): the posterior *mean*
+  (one network call; all M draws of an observation are the same image).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ambient import distributed as dist_utils
+from ambient.configbase import dataclass_from_dict
+from ambient.data.corruption import mix_seed
+from ambient.data.datasets import ImageDataset
+from ambient.data.images import float_to_uint8, save_grid
+from ambient.errors import AmbientInputError
+from ambient.io import atomic_save_npz
+from ambient.operators.mask import MaskOperator
+from ambient.sampling.fixed_mask import _NOISE_STREAM, model_sigmas
+from ambient.sampling.generate import MAX_SEED
+from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection
+from ambient.sampling.solvers import sample_euler, sample_heun
+from ambient.store.models import LoadedModel, reimport_hint
+
+METHODS = ("mmps", "dps", "project", "ambient-mean")
+FULL_IMAGE_METHODS = ("mmps", "dps", "project")
+SOLVERS = ("heun", "euler")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """How to restore; field names match the ``ambient restore`` flags. Round-trips through JSON."""
+
+    method: str = "mmps"
+    steps: int = 18
+    cg_iters: int = 1
+    num_per_image: int = 1
+    sigma_y: float = 0.0
+    seed: int = 0
+    batch: int = 64
+    dps_step: float = 5.0
+    solver: str = "heun"
+
+    def __post_init__(self):
+        checks = [("--method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+                  ("--steps", _is_int(self.steps, 1), "must be an integer >= 1"),
+                  ("--cg-iters", _is_int(self.cg_iters, 1), "must be an integer >= 1"),
+                  ("--num-per-image", _is_int(self.num_per_image, 1), "must be an integer >= 1"),
+                  ("--sigma-y", math.isfinite(self.sigma_y) and self.sigma_y >= 0, "must be >= 0"),
+                  ("--seed", _is_int(self.seed, 0) and self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
+                  ("--batch", _is_int(self.batch, 1), "must be an integer >= 1"),
+                  ("--dps-step", math.isfinite(self.dps_step) and self.dps_step > 0, "must be > 0"),
+                  ("--solver", self.solver in SOLVERS, f"must be one of {', '.join(SOLVERS)}")]
+        for flag, ok, what in checks:
+            if not ok:
+                raise AmbientInputError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))!r}: {what}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RestoreConfig:
+        return dataclass_from_dict(cls, d, "restore")
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+@dataclass
+class Restored:
+    """Restorations in [-1, 1] (N·M, C, H, W), the observation each restores, and the work it took."""
+
+    images: torch.Tensor
+    index: torch.Tensor
+    seconds: float = 0.0
+    calls: dict = field(default_factory=lambda: {"forward": 0, "vjp": 0})  # per batch call, summed
+
+
+def is_mask_input(loaded: LoadedModel) -> bool:
+    """True for models that must see a mask (ambient-trained): their sampler reproduces a mask law."""
+    return loaded.sampling.uses_masks
+
+
+def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, data_name: str = "",
+                 model_name: str = "") -> None:
+    """One-line :class:`AmbientInputError` (naming the flag or file) for anything restore cannot use."""
+    data_name = data_name or data.source or "data"
+    model_name = model_name or str(loaded.path)
+    if not data.has_data_masks:
+        raise AmbientInputError(f"--data {data_name}: no masks (need an npz with 'images' and 'masks', "
+                                "or a folder with images/ and masks/)")
+    if tuple(data.shape) != tuple(loaded.image_shape):
+        c, h, w = data.shape
+        mc, mh, mw = loaded.image_shape
+        raise AmbientInputError(f"--data {data_name}: images are {h}x{w} with {c} channel(s), but --model "
+                                f"{model_name} was trained on {mh}x{mw} with {mc}")
+    mask_input = is_mask_input(loaded)
+    if mask_input and cfg.method in FULL_IMAGE_METHODS:
+        raise AmbientInputError(f"--method {cfg.method}: needs a full-image denoiser, but --model {model_name} "
+                                "is a mask-input (ambient) model; use --method ambient-mean, or a clean- or "
+                                "naive-trained model")
+    if not mask_input and cfg.method == "ambient-mean":
+        raise AmbientInputError(f"--method ambient-mean: needs a mask-input (ambient) model, but --model "
+                                f"{model_name} is a full-image denoiser; use mmps, dps or project"
+                                f"{reimport_hint(loaded)}")
+
+
+def posterior_denoiser(denoiser, cfg: RestoreConfig, y: torch.Tensor, mask: torch.Tensor):
+    """The wrapper of ``cfg.method`` around the model's ``denoiser`` for observations (y, mask)."""
+    if cfg.method == "ambient-mean":
+        return AmbientMean(denoiser, y, mask, cfg.sigma_y, sigma_floor=float(getattr(denoiser, "sigma_min", 0.002)))
+    op = MaskOperator(mask)
+    if cfg.method == "mmps":
+        return MMPS(denoiser, y, op, cfg.sigma_y, cg_iters=cfg.cg_iters)
+    if cfg.method == "dps":
+        return DPS(denoiser, y, op, cfg.sigma_y, step=cfg.dps_step)
+    return Projection(denoiser, y, op, cfg.sigma_y)
+
+
+def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: RestoreConfig,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
+    """Output rows ``rows`` (row j: observation j // M, seed cfg.seed + j) as float32 (len, C, H, W) on the CPU."""
+    device = torch.device(device)
+    obs = [j // cfg.num_per_image for j in rows]
+    y, mask = data.batch(obs)
+    y, mask = y.to(device), mask.to(device)
+    wrapper = posterior_denoiser(loaded.denoiser, cfg, y, mask)
+    # ambient-mean does not depend on x_t: one step (one call) returns it exactly
+    steps = 1 if cfg.method == "ambient-mean" else cfg.steps
+    sigmas = torch.as_tensor(model_sigmas(wrapper, steps), dtype=torch.float64).to(device)
+    gens = [torch.Generator().manual_seed(mix_seed(_NOISE_STREAM, cfg.seed + j)) for j in rows]
+    x = torch.stack([torch.randn(y.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(device)
+    solve = sample_heun if cfg.solver == "heun" else sample_euler
+    with torch.no_grad():
+        out = solve(wrapper, x * sigmas[0], sigmas)
+    return out.float().cpu(), dict(wrapper.calls)
+
+
+def restore(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, device: torch.device | str = "cpu",
+            rows: list[int] | None = None, progress: bool = False) -> Restored:
+    """Restore every observation of ``data`` ``cfg.num_per_image`` times (or only output ``rows``)."""
+    check_inputs(loaded, data, cfg)
+    total = len(data) * cfg.num_per_image
+    rows = list(range(total)) if rows is None else [int(j) for j in rows]
+    chunks = [rows[s:s + cfg.batch] for s in range(0, len(rows), cfg.batch)]
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, unit="batch", desc=f"restore ({cfg.method})")
+    t0 = time.perf_counter()
+    images, calls = [], {"forward": 0, "vjp": 0}
+    for chunk in chunks:
+        out, c = restore_rows(loaded, data, chunk, cfg, device)
+        images.append(out)
+        calls = {k: calls[k] + c[k] for k in calls}
+    out = torch.cat(images) if images else torch.empty((0, *data.shape))
+    index = torch.tensor([j // cfg.num_per_image for j in rows], dtype=torch.int64)
+    return Restored(out, index, time.perf_counter() - t0, calls)
+
+
+def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
+                        device: str = "auto", progress: bool = False) -> Restored | None:
+    """Like :func:`restore` under torchrun: each rank restores its share of rows; rank 0 gets all (None elsewhere)."""
+    env = dist_utils.init_from_env(device)
+    if env.world_size == 1:
+        return restore(loaded, data, cfg, device=dist_utils.resolve_device(device), progress=progress)
+    check_inputs(loaded, data, cfg)
+    loaded.denoiser.to(env.device)
+    total = len(data) * cfg.num_per_image
+    mine = dist_utils.shard(list(range(total)), env)
+    part = restore(loaded, data, cfg, device=env.device, rows=mine, progress=progress and env.rank == 0)
+    gathered = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object((mine, part.images, part.seconds, part.calls), gathered, dst=0)
+    if env.rank != 0:
+        return None
+    images = torch.empty((total, *data.shape))
+    calls = {"forward": 0, "vjp": 0}
+    for idx, imgs, _, c in gathered:
+        images[idx] = imgs
+        calls = {k: calls[k] + c[k] for k in calls}
+    index = torch.arange(total, dtype=torch.int64) // cfg.num_per_image
+    return Restored(images, index, max(g[2] for g in gathered), calls)
+
+
+def check_restore_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work, an ``--out`` that is not a .npz file path, or that is the ``--data`` file itself
+    or its grid PNG's name (one line naming --out)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise AmbientInputError(f"--out {out}: must be a .npz file")
+    if out.is_dir():
+        raise AmbientInputError(f"--out {out}: is a folder")
+    if data is not None and out.exists() and Path(data).exists() and out.resolve() == Path(data).resolve():
+        raise AmbientInputError(f"--out {out}: is the --data file itself; restoring would overwrite the "
+                                "observations; choose another --out")
+    return out
+
+
+def grid_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + "_grid.png")
+
+
+def write_restored(out: str | os.PathLike, restored: Restored, observations: torch.Tensor | None = None,
+                   num_per_image: int = 1) -> Path:
+    """Write ``images`` (N·M, H, W, C) uint8 and ``index`` (N·M,) int64 to the .npz ``out`` atomically, and a
+    grid PNG beside it: per observation (up to 8) the observation, then up to 7 of its restorations."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise AmbientInputError(f"--out {out}: must be a .npz file")
+    u8 = float_to_uint8(restored.images).permute(0, 2, 3, 1).contiguous().numpy()
+    try:
+        atomic_save_npz(out, images=u8, index=restored.index.numpy().astype(np.int64))
+    except OSError as exc:
+        raise AmbientInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+    if observations is not None and len(u8):
+        shown = min(8, observations.shape[0])
+        per = min(7, num_per_image)
+        tiles = []
+        for i in range(shown):
+            tiles.append(observations[i])
+            tiles.extend(restored.images[i * num_per_image:i * num_per_image + per])
+        save_grid(grid_path_for(out), torch.stack(tiles), nrow=per + 1, padding=1)
+    return out
