@@ -25,11 +25,21 @@ from pathlib import Path
 
 import torch
 
+from ambient.data.datasets import load_dataset, load_images
+from ambient.data.images import float_to_uint8, save_png
+from ambient.data.readers import fashion_mnist_dir
 from ambient.errors import AmbientInputError
 from ambient.folders import DEMO_RUN, TRAIN_RUN, claim_outdir, folder_kind, stamped
 from ambient.io import atomic_write_text
 from ambient.learners.runlog import OutdirLock
+from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
+from ambient.metrics.features import cached_features
+from ambient.metrics.fid import compute_kid
+from ambient.metrics.inception import HOW_TO_GET, find_inception_weights, load_inception
+from ambient.metrics.plots import labelled_panels
+from ambient.sampling.generate import sample_model
+from ambient.store.models import load_model
 
 DEFAULT_DATA = "builtin:fashion-mnist"
 FALLBACK_DATA, FALLBACK_RESOLUTION = "builtin:digits", 28
@@ -80,8 +90,6 @@ def demo_data(data: str, data_dir: str | None) -> tuple[str, int | None, str | N
     """(data, resolution, notice): the default Fashion-MNIST if it can be found, else the fallback."""
     if data != DEFAULT_DATA:
         return data, None, None
-    from ambient.data.readers import fashion_mnist_dir
-
     try:
         fashion_mnist_dir("train", data_dir)
         return data, None, None
@@ -126,8 +134,6 @@ def _inception(num_ref: int, log):
     """The Inception network for KID, or None with a one-line notice (weights not installed)."""
     if num_ref == 0:
         return None
-    from ambient.metrics.inception import HOW_TO_GET, find_inception_weights, load_inception
-
     try:
         return load_inception(find_inception_weights(download=False))
     except AmbientInputError:
@@ -136,8 +142,6 @@ def _inception(num_ref: int, log):
 
 
 def _reference(data: str, data_dir: str | None, resolution: int | None, num_ref: int) -> torch.Tensor:
-    from ambient.data.datasets import load_images
-
     max_size, spec = held_out(data)
     if spec == FASHION_TEST:
         return load_images(spec, data_dir=data_dir, max_size=num_ref)
@@ -147,8 +151,6 @@ def _reference(data: str, data_dir: str | None, resolution: int | None, num_ref:
 
 def _observations(tc: TrainConfig, n: int) -> torch.Tensor:
     """The first ``n`` training images as both models saw them, y = A ⊙ x0 in [-1, 1] (hidden pixels grey)."""
-    from ambient.data.datasets import load_dataset
-
     data = load_dataset(tc.data, data_dir=tc.data_dir, max_size=min(n, tc.max_size or n), resolution=tc.resolution,
                         corruption=replace(tc, mask_full_rgb=False).corruption, seed=tc.seed)
     return data.batch(torch.arange(len(data)))[0]
@@ -162,14 +164,6 @@ def write_demo_json(outdir: Path, cfg: DemoConfig, data: str, result: dict | Non
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print, echo=print) -> DemoResult:
     """Train both models (or resume them), sample, score and draw; ``log``: notices and progress lines,
     ``echo``: the results (the KID lines and where the figure went)."""
-    from ambient.data.images import float_to_uint8, save_png
-    from ambient.learners.train import train
-    from ambient.metrics.features import cached_features
-    from ambient.metrics.fid import compute_kid
-    from ambient.metrics.plots import labelled_panels
-    from ambient.sampling.generate import sample_model
-    from ambient.store.models import load_model
-
     started = time.perf_counter()
     cfg.validate()
     data, resolution, notice = demo_data(cfg.data, cfg.data_dir)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ambient import distributed as dist_utils
+from ambient.data.datasets import load_images
 from ambient.data.images import save_png
 from ambient.errors import AmbientInputError
 from ambient.folders import OTHER, describe, folder_kind_why
@@ -82,8 +83,6 @@ def write_json(path: str | os.PathLike, obj: dict, flag: str = "--json") -> Path
 
 def load_image_set(spec: str, flag: str, max_size: int | None = None) -> torch.Tensor:
     """uint8 (N, C, H, W) images of ``spec`` (at least 2), errors naming ``flag``."""
-    from ambient.data.datasets import load_images
-
     spec = str(spec)
     if not spec.strip():
         raise AmbientInputError(f"{flag} is empty; give a folder, .zip, .npz or builtin:NAME")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ambient.nets.denoiser import MaskDenoiser, edm_scalings
+from ambient.nets.denoiser import Denoiser, MaskDenoiser, edm_scalings
 from ambient.nets.songunet import SongUNet, SongUNetConfig
 
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=(16,), channel_mult_emb=4, channel_mult_noise=1,
@@ -88,8 +88,6 @@ class ReferenceDenoiser(MaskDenoiser):
 
 def build_song_denoiser(cfg) -> MaskDenoiser:
     """The denoiser of a :class:`ambient.nets.registry.ModelConfig` whose arch is a DDPM++ preset or ``songunet``."""
-    from ambient.nets.denoiser import Denoiser
-
     if cfg.arch not in SONG_ARCHS:
         raise ValueError(f"preconditioning {cfg.preconditioning!r} needs a DDPM++ arch ({', '.join(SONG_ARCHS)}), "
                          f"got {cfg.arch!r}")

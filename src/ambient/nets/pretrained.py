@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ambient.errors import AmbientInputError
+from ambient.folders import describe, folder_kind
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SCHEDULER_FILE = "scheduler_config.json"
@@ -85,8 +86,6 @@ def _local_layout(root: Path, flag: str) -> tuple[Path, Path]:
     elif (root / "config.json").is_file() and (root / WEIGHTS_FILE).is_file():
         unet_dir = root
     else:
-        from ambient.folders import describe, folder_kind
-
         kind = folder_kind(root) if root.is_dir() else None
         what = f"; it is {describe(kind)}" if kind else ""
         raise AmbientInputError(f"{flag} {root}: not a diffusers folder (no unet/config.json, "

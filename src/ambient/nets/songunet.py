@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ambient.configbase import dataclass_from_dict
+
 
 @dataclass(frozen=True)
 class SongUNetConfig:
@@ -70,8 +72,6 @@ class SongUNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SongUNetConfig:
-        from ambient.configbase import dataclass_from_dict
-
         return dataclass_from_dict(cls, d, "songunet")
 
 

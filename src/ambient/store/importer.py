@@ -28,8 +28,10 @@ import torch
 from ambient.data.corruption import PATTERNS, Corruption
 from ambient.errors import AmbientInputError
 from ambient.folders import IMPORTED_MODEL, describe, folder_kind, stamped
+from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.nets.songunet import SongUNetConfig
 from ambient.store import safe_pickle
+from ambient.store.snapshots import save_snapshot
 from ambient.store.statedict import check_finite, load_state_dict_strict
 
 _SONG_KEYS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions",
@@ -171,8 +173,6 @@ def import_checkpoint(pkl: str | os.PathLike, out: str | os.PathLike,
     ``corruption`` (keys of the reference's dataset_kwargs: corruption_probability, delta_probability,
     corruption_pattern, mask_full_rgb) overrides what the checkpoint records, for the sampler's masks.
     """
-    from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
-    from ambient.store.snapshots import save_snapshot
 
     for key, flag in (("corruption_probability", "--corruption-probability"),
                       ("delta_probability", "--delta-probability")):
