@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ambient.data.corruption import mix_seed, sampling_masks
+from ambient.data.corruption import sampling_masks
 from ambient.data.images import float_to_uint8
 from ambient.nets.schedules import edm_sigmas
+from ambient.rng import mix_seed
 from ambient.store.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

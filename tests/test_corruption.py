@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ambient.data.corruption import PATTERNS, Corruption, check_mask, mix_seed, sampling_masks
+from ambient.data.corruption import PATTERNS, Corruption, check_mask, sampling_masks
 
 
 def binomial_bound(prob: float, n: int, z: float = 5.0) -> float:
@@ -112,12 +112,6 @@ def test_mask_is_pure_function_of_seed_and_index(pattern):
     f1 = c.further_for_indices(3, [5, 17], batch[:2])
     f2 = c.further_for_indices(3, [5, 17], batch[:2])
     assert torch.equal(f1, f2) and bool((f1 <= batch[:2]).all())
-
-
-def test_mix_seed_is_stable():
-    assert mix_seed(1, 2) == mix_seed(1, 2)
-    assert mix_seed(1, 2) != mix_seed(2, 1)
-    assert 0 <= mix_seed(2**70, -5) < 2**63
 
 
 def test_sampling_masks_survival_and_per_seed():

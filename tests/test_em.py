@@ -218,9 +218,9 @@ def test_without_the_pool_each_m_step_trains_on_its_own_completions(em_run, tmp_
 
 
 def test_lap0_completions_are_the_gaussian_posterior_mean_or_its_exact_draws(em_run, tmp_path, capsys):
-    from ambient.data.corruption import mix_seed
     from ambient.data.images import to_hwc
     from ambient.learners.gaussian_prior import GaussianPrior
+    from ambient.rng import EM_DRAW_STREAM, mix_seed
 
     root, obs = em_run
     from ambient.data.datasets import load_dataset
@@ -240,7 +240,7 @@ def test_lap0_completions_are_the_gaussian_posterior_mean_or_its_exact_draws(em_
     assert code == 0, err
     with np.load(tmp_path / "run" / "completions" / "lap-00.npz") as z:
         drawn = z["images"]
-    seeds = [mix_seed(em_module._DRAW, 0, 0, i) for i in range(24)]
+    seeds = [mix_seed(EM_DRAW_STREAM, 0, 0, i) for i in range(24)]
     expect = to_hwc((mask * y + (1 - mask) * prior.sample_posterior(y, mask, seeds)).float())
     assert np.abs(drawn.astype(int) - expect.astype(int)).max() <= 1
     hidden = ~mask[:, 0].bool().numpy()

@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from ambient.data.corruption import mix_seed
 from ambient.distributed import compile_regions
 from ambient.io import read_jsonl
-from ambient.learners.core import INIT_STREAM
 from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
 from ambient.nets.registry import ModelConfig, build_denoiser
 from ambient.objectives.losses import AmbientLoss
+from ambient.rng import INIT_STREAM, mix_seed
 from ambient.store.snapshots import latest_snapshot, load_snapshot
 from tests.helpers_data import write_npz
 

@@ -38,29 +38,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PATTERNS = ("dust", "box", "fixed_box", "keep_patch")
+from ambient.rng import FURTHER_STREAM, MASK_STREAM, SAMPLER_STREAM, mix_seed
 
-_MASK_STREAM = 0x5A17
-_FURTHER_STREAM = 0xB0C5
-_SAMPLER_STREAM = 0x7E57
+PATTERNS = ("dust", "box", "fixed_box", "keep_patch")
 
 
 def _ceil(x: float) -> int:
     """⌈x⌉, robust to float noise such as 0.3 * 10 = 3.0000000000000004."""
     return int(math.ceil(x - 1e-9))
-
-
-def mix_seed(*parts: int) -> int:
-    """Deterministic 63-bit seed from integers (splitmix64 chain); the same on every machine."""
-    state = 0x9E3779B97F4A7C15
-    for part in parts:
-        state = (state ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        state = z ^ (z >> 31)
-    return state & 0x7FFFFFFFFFFFFFFF
 
 
 def check_probability(value: float, name: str) -> float:
@@ -185,7 +170,7 @@ class Corruption:
 
     def mask_for_index(self, seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
         """The mask A of image ``index``, shape (C, H, W): a pure function of (seed, index), on the CPU."""
-        g = torch.Generator().manual_seed(mix_seed(_MASK_STREAM, seed, index))
+        g = torch.Generator().manual_seed(mix_seed(MASK_STREAM, seed, index))
         return self.mask((1, *shape), generator=g)[0]
 
     def masks_for_indices(self, seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -215,7 +200,7 @@ class Corruption:
         """Ã fixed per image (the paper's variant): a pure function of (seed, index, A)."""
         out = []
         for i, m in zip(indices, mask):
-            g = torch.Generator().manual_seed(mix_seed(_FURTHER_STREAM, seed, int(i)))
+            g = torch.Generator().manual_seed(mix_seed(FURTHER_STREAM, seed, int(i)))
             out.append(self.further(m[None].cpu(), generator=g)[0])
         return torch.stack(out).to(mask.device)
 
@@ -297,7 +282,7 @@ def sampling_masks(
         raise ValueError(f"need one seed per sample, got {len(seeds)} seeds for {n} samples")
     out = []
     for seed in seeds:
-        g = torch.Generator().manual_seed(mix_seed(_SAMPLER_STREAM, int(seed)))
+        g = torch.Generator().manual_seed(mix_seed(SAMPLER_STREAM, int(seed)))
         if data_survival is not None:
             keep = float(data_survival) * (1.0 - corruption.delta)
             dust = Corruption("dust", 1.0 - keep if keep > 0 else 0.999999, 0.0, corruption.mask_full_rgb)

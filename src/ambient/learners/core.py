@@ -3,7 +3,7 @@
 non-finite-step guard, EMA, and where and whether to resume.
 
 Both loops draw every random number from generators seeded by ``mix_seed(stream, seed, …)``;
-the streams below are shared, so the same seed gives the same image order in both.
+the streams (:mod:`ambient.rng`) are shared, so the same seed gives the same image order in both.
 
 Where the two loops still differ, and why:
 
@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ambient.data.corruption import mix_seed
 from ambient.errors import AmbientInputError, TrainingDiverged
+from ambient.rng import ORDER_STREAM, mix_seed
 from ambient.store.snapshots import damaged_snapshots, latest_snapshot, snapshot_step
-
-ORDER_STREAM, STEP_STREAM, INIT_STREAM = 0x0DE7, 0x57E9, 0x1417
 
 
 class EpochOrder:

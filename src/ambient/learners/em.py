@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ambient.configbase import dataclass_from_dict
-from ambient.data.corruption import PATTERNS, Corruption, mix_seed
+from ambient.data.corruption import PATTERNS, Corruption
 from ambient.data.datasets import ImageDataset, check_masks, load_dataset
 from ambient.data.images import float_to_uint8, to_hwc
 from ambient.distributed import resolve_device
@@ -44,10 +44,10 @@ from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_js
 from ambient.learners.gaussian_prior import NOISES, GaussianPrior, fit_gaussian
 from ambient.learners.train_config import TrainConfig
 from ambient.nets.registry import ARCHS
+from ambient.rng import EM_DRAW_STREAM, EM_GFIT_STREAM, EM_MSTEP_STREAM, EM_SUBSET_STREAM, mix_seed
 from ambient.sampling.posterior import ambient_mean, mmps_samples
 from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 
-_SUBSET, _GFIT, _DRAW, _MSTEP = 0x5B5E, 0x6F17, 0xD8A3, 0x3573
 LAP0 = ("mean", "sample")
 RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
 
@@ -273,10 +273,11 @@ class EMRun:
         cfg, started = self.cfg, time.perf_counter()
         prior, history = (None, [None]) if self.init_model is not None and cfg.lap0 == "mean" else self.gaussian()
         out = self.completions_path(0)
-        idx = subset(len(self.data), None if cfg.pool else cfg.estep_size, _SUBSET, cfg.seed, 0)  # Gaussian: cheap
+        size = None if cfg.pool else cfg.estep_size  # Gaussian: cheap
+        idx = subset(len(self.data), size, EM_SUBSET_STREAM, cfg.seed, 0)
         if not out.is_file():
             y, mask = self.y[idx], self.mask[idx]
-            seeds = [mix_seed(_DRAW, cfg.seed, 0, i) for i in idx.tolist()]
+            seeds = [mix_seed(EM_DRAW_STREAM, cfg.seed, 0, i) for i in idx.tolist()]
             if self.init_model is None:
                 done = prior.sample_posterior(y, mask, seeds) if cfg.lap0 == "sample" else prior.posterior_mean(y, mask)
             else:
@@ -294,7 +295,7 @@ class EMRun:
         if path.is_file():
             z = read_npz(path)
             return GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
-        fit = subset(len(self.data), cfg.gaussian_size, _GFIT, cfg.seed)
+        fit = subset(len(self.data), cfg.gaussian_size, EM_GFIT_STREAM, cfg.seed)
         prior, history = fit_gaussian(self.y[fit], self.mask[fit], cfg.rank,
                                       cfg.gaussian_iters, noise=cfg.gaussian_noise,
                                       callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
@@ -306,7 +307,7 @@ class EMRun:
         cfg = self.cfg
         out = self.completions_path(lap)
         parts = out.with_suffix(".parts")
-        idx = subset(len(self.data), cfg.estep_size, _SUBSET, cfg.seed, lap)
+        idx = subset(len(self.data), cfg.estep_size, EM_SUBSET_STREAM, cfg.seed, lap)
         if not out.is_file():
             device = resolve_device(cfg.device)
             loaded = load_model(self.lap_dir(lap - 1), device=device)
@@ -317,7 +318,7 @@ class EMRun:
                 if part.is_file():
                     continue
                 t0 = time.perf_counter()
-                seeds = [mix_seed(_DRAW, cfg.seed, lap, i) for i in chunk.tolist()]
+                seeds = [mix_seed(EM_DRAW_STREAM, cfg.seed, lap, i) for i in chunk.tolist()]
                 images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device), self.mask[chunk].to(device),
                                              seeds, steps=cfg.steps, cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y,
                                              solver=cfg.solver)
@@ -342,7 +343,7 @@ class EMRun:
                            corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
                            lr_warmup_kimg=cfg.lr_warmup_kimg, kimg=cfg.lap_kimg, ema=cfg.ema,
                            snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
-                           grid_samples=cfg.grid_samples, seed=mix_seed(_MSTEP, cfg.seed, lap) % 2**31,
+                           grid_samples=cfg.grid_samples, seed=mix_seed(EM_MSTEP_STREAM, cfg.seed, lap) % 2**31,
                            device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)
 
     def mstep(self, lap: int) -> float | None:

@@ -24,14 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ambient.data.corruption import mix_seed
 from ambient.data.datasets import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.folders import FINETUNE_RUN, FINETUNE_SNAPSHOT, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_write_json
 from ambient.learners.core import (
-    STEP_STREAM,
     EpochOrder,
     NonFiniteGuard,
     check_resume_compatible,
@@ -45,6 +43,7 @@ from ambient.learners.runlog import OutdirLock
 from ambient.nets.pretrained import MaskedUNet, add_mask_channels, image_channels, load_pretrained, unet_class
 from ambient.nets.schedules import alphas_cumprod
 from ambient.objectives.ddpm import FinetuneLoss
+from ambient.rng import STEP_STREAM, mix_seed
 from ambient.store.finetuned import export_finetuned
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict

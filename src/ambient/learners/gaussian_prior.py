@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ambient.data.corruption import mix_seed
+from ambient.rng import POSTERIOR_STREAM, mix_seed
 
 NOISES = ("diagonal", "isotropic")
-_POSTERIOR_STREAM = 0x6A55
 _PSI_FLOOR = 1e-6
 
 
@@ -110,7 +109,7 @@ class GaussianPrior:
         out = []
         for (yb, mb), s in zip(_flat_items(y, mask, self.dim, self.rank, memory_mb), seeds):
             _, ez, chol, _ = self._posterior(yb, mb)
-            g = torch.Generator().manual_seed(mix_seed(_POSTERIOR_STREAM, int(s)))
+            g = torch.Generator().manual_seed(mix_seed(POSTERIOR_STREAM, int(s)))
             eps_z = torch.randn(1, self.rank, generator=g, dtype=torch.float64)
             eps_x = torch.randn(1, self.dim, generator=g, dtype=torch.float64)
             # z = E[z] + L⁻ᵀ ε has covariance (L Lᵀ)⁻¹ = M⁻¹

@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 
 from ambient import distributed as dist_utils
-from ambient.data.corruption import Corruption, mix_seed
+from ambient.data.corruption import Corruption
 from ambient.data.datasets import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.folders import TRAIN_RUN, TRAIN_SNAPSHOT, check_readable_as, claim_outdir, stamped
 from ambient.io import atomic_write_json
 from ambient.learners.core import (
-    INIT_STREAM,
-    STEP_STREAM,
     EpochOrder,
     NonFiniteGuard,
     check_resume_compatible,
@@ -44,6 +42,7 @@ from ambient.learners.train_config import RESUMABLE_CHANGES, RESUME_LATEST, Trai
 from ambient.nets.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.objectives.losses import training_loss
+from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
 from ambient.store.warmstart import load_init_weights

@@ -16,15 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ambient.data.corruption import Corruption, check_mask, mix_seed, sampling_masks
+from ambient.data.corruption import Corruption, check_mask, sampling_masks
 from ambient.nets.denoiser import FullImageDenoiser, MaskDenoiser
 from ambient.nets.schedules import edm_sigmas
+from ambient.rng import NOISE_STREAM, mix_seed
 from ambient.sampling.solvers import Denoise, sample_euler, sample_heun
 
 __all__ = ["CLIPS", "SOLVERS", "Denoise", "FixedMaskEnsemble", "ambient_sample", "dynamic_threshold",
            "edm_sigmas", "iter_sample_batches", "model_sigmas", "sample_euler", "sample_heun", "sample_in_batches"]
 
-_NOISE_STREAM = 0x5EED
 SOLVERS = ("heun", "euler")
 CLIPS = ("none", "static", "dynamic")
 
@@ -220,7 +220,8 @@ def ambient_sample(
     gradient step of size |Δσ|·g, so a large g (≳ 1 on unit-scale images) can make it unstable.
 
     Noise: sample i's initial noise and churn noise come from its own CPU generator seeded by
-    ``mix_seed(0x5EED, seeds[i])``, so a seed gives the same image at any batch size or device.
+    ``mix_seed(NOISE_STREAM, seeds[i])`` (:mod:`ambient.rng`), so a seed gives the same image at any
+    batch size or device.
     The ODE state is float64; the result is returned in ``dtype`` on ``device`` (default: the
     denoiser's). ``clip``: "static" clamps each prediction to [−1, 1]; "dynamic" applies
     :func:`dynamic_threshold` (per-sample 0.99 quantile of |x0|).
@@ -242,7 +243,7 @@ def ambient_sample(
         raise ValueError("guidance_scale > 0 needs num_masks >= 2 (it makes K predictions agree)")
 
     n = shape[0]
-    gens = [torch.Generator().manual_seed(mix_seed(_NOISE_STREAM, int(s))) for s in seeds]
+    gens = [torch.Generator().manual_seed(mix_seed(NOISE_STREAM, int(s))) for s in seeds]
 
     def noise_fn(size) -> torch.Tensor:
         return torch.stack([torch.randn(tuple(size[1:]), generator=g, dtype=torch.float64)

@@ -42,7 +42,7 @@ def sample_model(loaded: LoadedModel, seeds: list[int], *, batch: int = 64, num_
     return torch.cat(out) if out else torch.empty((0, *shape))
 
 
-MAX_SEED = 2**63 - 1  # seeds are mixed as 64-bit integers (ambient.data.corruption.mix_seed): larger ones would wrap
+MAX_SEED = 2**63 - 1  # seeds are mixed as 64-bit integers (ambient.rng.mix_seed): larger ones would wrap
 MAX_IMAGES = 10_000_000  # images per call: a longer seed list is refused before it is built
 
 

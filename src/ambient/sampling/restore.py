@@ -26,13 +26,13 @@ import torch.distributed as dist
 
 from ambient import distributed as dist_utils
 from ambient.configbase import dataclass_from_dict
-from ambient.data.corruption import mix_seed
 from ambient.data.datasets import ImageDataset
 from ambient.data.images import float_to_uint8, save_grid
 from ambient.errors import AmbientInputError
 from ambient.io import atomic_save_npz
 from ambient.operators.mask import MaskOperator
-from ambient.sampling.fixed_mask import _NOISE_STREAM, model_sigmas
+from ambient.rng import NOISE_STREAM, mix_seed
+from ambient.sampling.fixed_mask import model_sigmas
 from ambient.sampling.generate import MAX_SEED
 from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection
 from ambient.sampling.solvers import sample_euler, sample_heun
@@ -145,7 +145,7 @@ def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: 
     # ambient-mean does not depend on x_t: one step (one call) returns it exactly
     steps = 1 if cfg.method == "ambient-mean" else cfg.steps
     sigmas = torch.as_tensor(model_sigmas(wrapper, steps), dtype=torch.float64).to(device)
-    gens = [torch.Generator().manual_seed(mix_seed(_NOISE_STREAM, cfg.seed + j)) for j in rows]
+    gens = [torch.Generator().manual_seed(mix_seed(NOISE_STREAM, cfg.seed + j)) for j in rows]
     x = torch.stack([torch.randn(y.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(device)
     solve = sample_heun if cfg.solver == "heun" else sample_euler
     with torch.no_grad():

@@ -1,0 +1,44 @@
+"""Every random stream of the package, and how seeds become generators.
+
+All randomness goes through explicit ``torch.Generator``s seeded by ``mix_seed(stream, seed, …)``
+with one of the stream constants below, so that two uses of the same user seed never share draws
+and each draw is a pure function of its integers (the same on every machine, batch and worker).
+The values are part of every result the package has written: changing one changes the masks,
+samples or weights of a given seed. ``tests/test_rng.py`` checks that they are distinct.
+"""
+
+from __future__ import annotations
+
+# data (ambient.data.corruption)
+MASK_STREAM = 0x5A17  # the mask A of image i drawn from the corruption law: (dataset seed, i)
+FURTHER_STREAM = 0xB0C5  # a further mask Ã fixed per image (the paper's variant): (seed, i)
+SAMPLER_STREAM = 0x7E57  # the fixed-mask sampler's mask of a sample: (seed)
+
+# sampling (ambient.sampling)
+NOISE_STREAM = 0x5EED  # a sample's starting and churn noise, `ambient sample` and `ambient restore`: (seed)
+
+# training (ambient.learners.core, shared by train and finetune)
+ORDER_STREAM = 0x0DE7  # the permutation of the data in an epoch: (seed, epoch)
+STEP_STREAM = 0x57E9  # a training step's flips, Ã, σ and noise: (seed, step, …)
+INIT_STREAM = 0x1417  # the global RNG while a fresh network is built (its initial weights): (seed)
+
+# EM (ambient.learners.em, ambient.learners.gaussian_prior)
+POSTERIOR_STREAM = 0x6A55  # an exact draw of the Gaussian prior's posterior x | y for one image: (seed)
+EM_SUBSET_STREAM = 0x5B5E  # the observations an E-step completes: (seed, lap)
+EM_GFIT_STREAM = 0x6F17  # the observations the Gaussian prior is fitted on: (seed)
+EM_DRAW_STREAM = 0xD8A3  # the posterior-sampling seed of observation i in a lap: (seed, lap, i)
+EM_MSTEP_STREAM = 0x3573  # the training seed of a lap's M-step: (seed, lap)
+
+
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (splitmix64 chain); the same on every machine."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        state = z ^ (z >> 31)
+    return state & 0x7FFFFFFFFFFFFFFF
+
