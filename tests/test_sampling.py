@@ -11,7 +11,7 @@ from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
 from ambient.nets.schedules import edm_sigmas
 from ambient.rng import mix_seed
 from ambient.sampling.fixed_mask import ambient_sample, dynamic_threshold, sample_in_batches
-from ambient.sampling.solvers import sample_euler, sample_heun
+from ambient.sampling.solvers import SOLVERS, sample_euler, sample_heun, solver_by_name
 
 H = 4
 SHAPE = (1, H, H)
@@ -96,6 +96,13 @@ def test_heun_beats_euler_and_is_second_order(gaussian):
     assert errs["heun", 50] < 0.2 * errs["euler", 50]
     assert errs["heun", 50] / errs["heun", 18] < 0.2  # ~ (18/50)² = 0.13: second order
     assert errs["euler", 50] / errs["euler", 18] > 0.25  # ~ 18/50 = 0.36: first order
+
+
+def test_solver_by_name():
+    assert SOLVERS == ("heun", "euler")
+    assert solver_by_name("heun") is sample_heun and solver_by_name("euler") is sample_euler
+    with pytest.raises(ValueError, match="heun, euler"):
+        solver_by_name("rk4")
 
 
 def test_solver_returns_input_dtype_and_churn_noise():

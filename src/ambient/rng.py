@@ -5,9 +5,16 @@ with one of the stream constants below, so that two uses of the same user seed n
 and each draw is a pure function of its integers (the same on every machine, batch and worker).
 The values are part of every result the package has written: changing one changes the masks,
 samples or weights of a given seed. ``tests/test_rng.py`` checks that they are distinct.
+
+:class:`SeedNoise` holds one generator per seed of a batch; ``randn((N, …))`` stacks each seed's own
+draw, so image i's noise depends only on ``seeds[i]`` (not on the batch it is drawn in).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
 
 # data (ambient.data.corruption)
 MASK_STREAM = 0x5A17  # the mask A of image i drawn from the corruption law: (dataset seed, i)
@@ -42,3 +49,29 @@ def mix_seed(*parts: int) -> int:
         state = z ^ (z >> 31)
     return state & 0x7FFFFFFFFFFFFFFF
 
+
+class SeedNoise:
+    """Gaussian noise for a batch of seeds: one CPU generator per seed, draws stacked along dim 0.
+
+    Seed s's generator is seeded with ``mix_seed(stream, s)`` (e.g. ``stream=NOISE_STREAM``), or with
+    s itself when ``stream`` is None (for seeds that are already mixed). :meth:`randn` of a shape
+    (N, …), N = len(seeds), draws ``shape[1:]`` from each generator in turn, in ``dtype``, and moves
+    the stack to ``device``; successive calls continue each generator's stream (a solver's churn
+    noise follows the starting noise). Because the generators live on the CPU, a seed gives the same
+    numbers at any batch size and on any device.
+    """
+
+    def __init__(self, seeds: Sequence[int], *, stream: int | None,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+        self.seeds = [int(s) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s if stream is None else mix_seed(stream, s))
+                           for s in self.seeds]
+        self.dtype = dtype
+        self.device = device
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(f"shape {shape}: the first size must be the number of seeds ({len(self.generators)})")
+        out = torch.stack([torch.randn(shape[1:], generator=g, dtype=self.dtype) for g in self.generators])
+        return out if self.device is None else out.to(self.device)

@@ -19,13 +19,12 @@ import torch
 from ambient.data.corruption import Corruption, check_mask, sampling_masks
 from ambient.nets.denoiser import FullImageDenoiser, MaskDenoiser
 from ambient.nets.schedules import edm_sigmas
-from ambient.rng import NOISE_STREAM, mix_seed
-from ambient.sampling.solvers import Denoise, sample_euler, sample_heun
+from ambient.rng import NOISE_STREAM, SeedNoise, mix_seed
+from ambient.sampling.solvers import SOLVERS, Denoise, sample_euler, sample_heun, solver_by_name
 
 __all__ = ["CLIPS", "SOLVERS", "Denoise", "FixedMaskEnsemble", "ambient_sample", "dynamic_threshold",
            "edm_sigmas", "iter_sample_batches", "model_sigmas", "sample_euler", "sample_heun", "sample_in_batches"]
 
-SOLVERS = ("heun", "euler")
 CLIPS = ("none", "static", "dynamic")
 
 
@@ -242,18 +241,12 @@ def ambient_sample(
     if guidance_scale > 0 and k_masks < 2:
         raise ValueError("guidance_scale > 0 needs num_masks >= 2 (it makes K predictions agree)")
 
-    n = shape[0]
-    gens = [torch.Generator().manual_seed(mix_seed(NOISE_STREAM, int(s))) for s in seeds]
-
-    def noise_fn(size) -> torch.Tensor:
-        return torch.stack([torch.randn(tuple(size[1:]), generator=g, dtype=torch.float64)
-                            for g in gens]).to(device)
-
+    noise = SeedNoise(seeds, stream=NOISE_STREAM, device=device)
     ensemble = FixedMaskEnsemble(denoiser, fixed, clip=clip, guidance_scale=guidance_scale, dtype=dtype)
-    step = sample_heun if solver == "heun" else sample_euler
+    step = solver_by_name(solver)
     with torch.no_grad():
-        x = noise_fn((n, *shape[1:])) * sigmas[0]
-        out = step(ensemble, x, sigmas.to(device), churn=churn, noise_fn=noise_fn, callback=callback)
+        x = noise.randn(shape) * sigmas[0]
+        out = step(ensemble, x, sigmas.to(device), churn=churn, noise_fn=noise.randn, callback=callback)
     return out.to(dtype)
 
 

@@ -36,8 +36,9 @@ import torch
 from ambient.nets.denoiser import FullImageDenoiser
 from ambient.operators.base import LinearOperator
 from ambient.operators.mask import MaskOperator
+from ambient.rng import SeedNoise
 from ambient.sampling.fixed_mask import model_sigmas
-from ambient.sampling.solvers import sample_euler, sample_heun
+from ambient.sampling.solvers import solver_by_name
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 COVARIANCES = ("tweedie", "identity")
@@ -237,14 +238,12 @@ def mmps_samples(denoiser, y: torch.Tensor, mask: torch.Tensor, seeds: list[int]
                  sigma_y: float, solver: str = "heun") -> tuple[torch.Tensor, dict]:
     """One MMPS posterior sample per observation (observed pixels put back), and the network calls.
 
-    Sample i starts from noise drawn by its own generator seeded with ``seeds[i]``.
+    Sample i starts from noise drawn by its own generator seeded with ``seeds[i]`` itself (EM's seeds are mixed).
     """
     wrapper = MMPS(denoiser, y, MaskOperator(mask), sigma_y, cg_iters=cg_iters)
     sigmas = model_sigmas(denoiser, steps).to(y.device)
-    x = torch.stack([torch.randn(y.shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                     for s in seeds]).to(y.device)
-    solve = sample_heun if solver == "heun" else sample_euler
-    out = solve(wrapper, x * sigmas[0], sigmas).to(y.dtype)
+    x = SeedNoise(seeds, stream=None, device=y.device).randn(y.shape)
+    out = solver_by_name(solver)(wrapper, x * sigmas[0], sigmas).to(y.dtype)
     return mask * y + (1 - mask) * out, dict(wrapper.calls)
 
 

@@ -31,16 +31,15 @@ from ambient.data.images import float_to_uint8, save_grid
 from ambient.errors import AmbientInputError
 from ambient.io import atomic_save_npz
 from ambient.operators.mask import MaskOperator
-from ambient.rng import NOISE_STREAM, mix_seed
+from ambient.rng import NOISE_STREAM, SeedNoise
 from ambient.sampling.fixed_mask import model_sigmas
 from ambient.sampling.generate import MAX_SEED
 from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection
-from ambient.sampling.solvers import sample_euler, sample_heun
+from ambient.sampling.solvers import SOLVERS, solver_by_name
 from ambient.store.models import LoadedModel, reimport_hint
 
 METHODS = ("mmps", "dps", "project", "ambient-mean")
 FULL_IMAGE_METHODS = ("mmps", "dps", "project")
-SOLVERS = ("heun", "euler")
 
 
 @dataclass(frozen=True)
@@ -145,11 +144,9 @@ def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: 
     # ambient-mean does not depend on x_t: one step (one call) returns it exactly
     steps = 1 if cfg.method == "ambient-mean" else cfg.steps
     sigmas = torch.as_tensor(model_sigmas(wrapper, steps), dtype=torch.float64).to(device)
-    gens = [torch.Generator().manual_seed(mix_seed(NOISE_STREAM, cfg.seed + j)) for j in rows]
-    x = torch.stack([torch.randn(y.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(device)
-    solve = sample_heun if cfg.solver == "heun" else sample_euler
+    x = SeedNoise([cfg.seed + j for j in rows], stream=NOISE_STREAM, device=device).randn(y.shape)
     with torch.no_grad():
-        out = solve(wrapper, x * sigmas[0], sigmas)
+        out = solver_by_name(cfg.solver)(wrapper, x * sigmas[0], sigmas)
     return out.float().cpu(), dict(wrapper.calls)
 
 

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
+SOLVERS = ("heun", "euler")  # the names ``--solver`` takes; :func:`solver_by_name` maps them to functions
 
 
 def _randn(shape: Sequence[int]) -> torch.Tensor:
@@ -84,3 +83,12 @@ def sample_heun(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, chur
     Arguments and return value as in :func:`sample_euler`; 2 denoiser calls per step but the last.
     """
     return _solve(denoise, x, sigmas, True, churn, s_tmin, s_tmax, s_noise, noise_fn, callback)
+
+
+def solver_by_name(name: str) -> Callable[..., torch.Tensor]:
+    """:func:`sample_heun` for ``"heun"``, :func:`sample_euler` for ``"euler"``; ValueError for other names."""
+    if name == "heun":
+        return sample_heun
+    if name == "euler":
+        return sample_euler
+    raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {name!r}")
