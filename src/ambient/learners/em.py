@@ -27,13 +27,13 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ambient.configbase import dataclass_from_dict
+from ambient.configbase import ConfigBase, is_int
 from ambient.data.corruption import PATTERNS, Corruption
 from ambient.data.datasets import ImageDataset, check_masks, load_dataset
 from ambient.data.images import float_to_uint8, to_hwc
@@ -53,7 +53,7 @@ RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is 
 
 
 @dataclass
-class EMConfig:
+class EMConfig(ConfigBase, what="em"):
     """An EM run; field names match the ``ambient em`` flags (``lap_kimg`` ↔ ``--lap-kimg``)."""
 
     data: str = "builtin:fashion-mnist"
@@ -88,46 +88,36 @@ class EMConfig:
     init: str | None = None  # an ambient (mask-input) model: lap 0 starts from its posterior mean (see lap0)
     lap0: str = "mean"  # lap 0's completions: the posterior "mean", or exact posterior draws ("sample")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EMConfig:
-        return dataclass_from_dict(cls, d, "em")
-
     def validate(self) -> EMConfig:
-        def bad(name: str, why: str):
-            raise AmbientInputError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
-
-        def is_int(v, lo):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
+        """Raise AmbientInputError naming the flag of the first bad value."""
         for name in ("laps", "rank", "steps", "cg_iters", "estep_batch", "batch"):
-            if not is_int(getattr(self, name), 1):
-                bad(name, "must be an integer >= 1")
+            v = getattr(self, name)
+            if not is_int(v, 1):
+                self.fail(name, f"must be an integer >= 1, got {v!r}")
         for name in ("estep_size", "gaussian_size", "max_size"):
-            if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
-                bad(name, "must be an integer >= 1")
+            v = getattr(self, name)
+            if v is not None and not is_int(v, 1):
+                self.fail(name, f"must be an integer >= 1, got {v!r}")
         if not is_int(self.gaussian_iters, 0):
-            bad("gaussian_iters", "must be an integer >= 0")
+            self.fail("gaussian_iters", f"must be an integer >= 0, got {self.gaussian_iters!r}")
         for name in ("lap_kimg", "lr", "snapshot_kimg"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, "must be positive")
+                self.fail(name, f"must be positive, got {v!r}")
         for name in ("sigma_y", "lr_warmup_kimg", "ema"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(name, "must be >= 0")
+                self.fail(name, f"must be >= 0, got {v!r}")
         if not 0 <= self.corruption_probability < 1:
-            bad("corruption_probability", "must be in [0, 1)")
+            self.fail("corruption_probability", f"must be in [0, 1), got {self.corruption_probability!r}")
         for name, allowed in (("corruption_pattern", PATTERNS), ("gaussian_noise", NOISES), ("arch", ARCHS),
                               ("solver", ("heun", "euler")), ("lap0", LAP0)):
             if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {', '.join(allowed)}")
+                self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not is_int(self.grid_samples, 0):
-            bad("grid_samples", "must be an integer >= 0")
+            self.fail("grid_samples", f"must be an integer >= 0, got {self.grid_samples!r}")
         if not self.outdir:
-            bad("outdir", "must not be empty")
+            self.fail("outdir", f"must not be empty, got {self.outdir!r}")
         return self
 
 

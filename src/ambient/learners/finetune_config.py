@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from ambient.configbase import dataclass_from_dict
+from ambient.configbase import ConfigBase
 from ambient.data.corruption import PATTERNS, Corruption
-from ambient.errors import AmbientInputError
 from ambient.nets.finetuned import HIDDEN_X0, TIMESTEP_MODES
 from ambient.nets.pretrained import MASK_MODES
 from ambient.objectives.ddpm import WEIGHTINGS
@@ -19,7 +18,7 @@ IDENTITY_KEYS = ("pretrained", "data", "data_dir", "max_size", "resolution", "co
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(ConfigBase, what="finetune"):
     """Everything ``ambient finetune`` takes; see ``ambient finetune --help`` for each flag.
 
     ``ema`` is the EMA decay per optimizer step (0 disables EMA; the export then holds the raw
@@ -54,48 +53,38 @@ class FinetuneConfig:
     device: str = "auto"
     resume: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        return dataclass_from_dict(cls, d, "finetune")
-
     def corruption(self) -> Corruption:
         return Corruption(self.corruption_pattern, self.corruption_probability, self.delta_probability,
                           bool(self.mask_full_rgb))
 
     def validate(self) -> FinetuneConfig:
         """Raise AmbientInputError (one line, naming the flag) for a bad value; return self."""
-        def fail(flag: str, what: str):
-            raise AmbientInputError(f"--{flag} {what}")
-
         for name in ("corruption_probability", "delta_probability"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
-                fail(name.replace("_", "-"), f"must be in [0, 1), got {v!r}")
+                self.fail(name, f"must be in [0, 1), got {v!r}")
         choices = (("corruption_pattern", PATTERNS), ("mask_mode", MASK_MODES), ("hidden_x0", HIDDEN_X0),
                    ("loss_weight", WEIGHTINGS),
                    ("timestep_mode", TIMESTEP_MODES))
         for name, allowed in choices:
             value = getattr(self, name)
             if value not in allowed:
-                fail(name.replace("_", "-"), f"must be one of {', '.join(allowed)}, got {value!r}")
+                self.fail(name, f"must be one of {', '.join(allowed)}, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            fail("lr", f"must be > 0, got {self.lr!r}")
+            self.fail("lr", f"must be > 0, got {self.lr!r}")
         for name in ("steps", "batch", "grad_accum", "snapshot_every", "log_every"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                fail(name.replace("_", "-"), f"must be an integer >= 1, got {getattr(self, name)!r}")
+                self.fail(name, f"must be an integer >= 1, got {getattr(self, name)!r}")
         if not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
-            fail("snr-gamma", f"must be > 0, got {self.snr_gamma!r}")
+            self.fail("snr_gamma", f"must be > 0, got {self.snr_gamma!r}")
         if not 0.0 <= self.ema < 1.0:
-            fail("ema", f"must be in [0, 1) (0 = off), got {self.ema!r}")
+            self.fail("ema", f"must be in [0, 1) (0 = off), got {self.ema!r}")
         if not self.grad_clip >= 0:
-            fail("grad-clip", f"must be >= 0 (0 = off), got {self.grad_clip!r}")
+            self.fail("grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip!r}")
         if not 0.0 <= self.xflip <= 1.0:
-            fail("xflip", f"must be in [0, 1], got {self.xflip!r}")
+            self.fail("xflip", f"must be in [0, 1], got {self.xflip!r}")
         if self.max_size is not None and self.max_size < 1:
-            fail("max-size", f"must be >= 1, got {self.max_size!r}")
+            self.fail("max_size", f"must be >= 1, got {self.max_size!r}")
         if not str(self.outdir):
-            fail("outdir", "must not be empty")
+            self.fail("outdir", "must not be empty")
         return self

@@ -7,11 +7,10 @@ Field names match the command-line flags (``corruption_probability`` ↔
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from ambient.configbase import dataclass_from_dict
+from ambient.configbase import ConfigBase, flag_error
 from ambient.data.corruption import PATTERNS, Corruption
-from ambient.errors import AmbientInputError
 from ambient.nets.ddpmpp import SONG_PRESETS
 from ambient.nets.registry import ARCHS
 from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS
@@ -25,20 +24,20 @@ PRECISIONS = ("fp32", "bf16")
 # ``--resume`` without a value: the latest snapshot in --outdir (an error if there is none).
 RESUME_LATEST = "latest"
 
-def _check_arch_kwargs(text: str, arch: str, bad) -> None:
+def _check_arch_kwargs(text: str, arch: str) -> None:
     import json
 
     from ambient.nets.songunet import SongUNetConfig
 
     if arch not in SONG_PRESETS:
-        bad("arch_kwargs", f"only for the DDPM++ archs ({', '.join(SONG_PRESETS)}), not {arch!r}")
+        raise flag_error("arch_kwargs", f"only for the DDPM++ archs ({', '.join(SONG_PRESETS)}), not {arch!r}")
     try:
         kwargs = json.loads(text)
     except ValueError as exc:
-        bad("arch_kwargs", f"not JSON ({exc})")
+        raise flag_error("arch_kwargs", f"not JSON ({exc})") from None
     allowed = set(SongUNetConfig.__dataclass_fields__) - {"img_resolution", "in_channels", "out_channels", "label_dim"}
     if not isinstance(kwargs, dict) or set(kwargs) - allowed:
-        bad("arch_kwargs", f"must be a JSON object with keys among {', '.join(sorted(allowed))}")
+        raise flag_error("arch_kwargs", f"must be a JSON object with keys among {', '.join(sorted(allowed))}")
 
 
 # Fields that may change when a run is resumed; every other field must match the saved run.
@@ -47,7 +46,7 @@ RESUMABLE_CHANGES = frozenset({"kimg", "snapshot_kimg", "tick_kimg", "grid_sampl
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase, what="training"):
     """Everything that defines a training run (see ``ambient train --help`` for each flag)."""
 
     data: str = "builtin:fashion-mnist"
@@ -88,13 +87,6 @@ class TrainConfig:
     resume: str | None = None
     init: str | None = None  # warm start: a model whose EMA weights start net and EMA (ambient.store.warmstart)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return dataclass_from_dict(cls, d, "training")
-
     @property
     def corruption(self) -> Corruption:
         return Corruption(self.corruption_pattern, self.corruption_probability, self.delta_probability,
@@ -102,51 +94,48 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise AmbientInputError naming the flag of the first bad value."""
-        def bad(flag: str, why: str):
-            raise AmbientInputError(f"--{flag.replace('_', '-')}: {why}")
-
         for name in ("corruption_probability", "delta_probability"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
-                bad(name, f"must be in [0, 1), got {v!r}")
+                self.fail(name, f"must be in [0, 1), got {v!r}")
         choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
                    "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.loss_weighting not in (None, *WEIGHTINGS):
-            bad("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
+            self.fail("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.loss_weighting in ("pixel", "tilted") and not self.mask_aware:
-            bad("loss_weighting", f"{self.loss_weighting} weighting matches the mask-aware scalings; it needs "
-                "--mask-aware")
+            self.fail("loss_weighting", f"{self.loss_weighting} weighting matches the mask-aware scalings; it "
+                      "needs --mask-aware")
         positive = ("batch", "lr", "kimg", "snapshot_kimg", "tick_kimg", "max_nonfinite")
         for name in positive:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(name, f"must be positive, got {v!r}")
+                self.fail(name, f"must be positive, got {v!r}")
         nonneg = ("lr_warmup_kimg", "ema", "ema_rampup", "max_grad_norm", "grid_samples")
         for name in nonneg:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                bad(name, f"must be >= 0, got {v!r}")
+                self.fail(name, f"must be >= 0, got {v!r}")
         if self.mask_full_rgb not in (None, True, False):
-            bad("mask_full_rgb", f"must be true, false or null (from the data), got {self.mask_full_rgb!r}")
+            self.fail("mask_full_rgb", f"must be true, false or null (from the data), got {self.mask_full_rgb!r}")
         if self.arch_kwargs is not None:
-            _check_arch_kwargs(self.arch_kwargs, self.arch, bad)
+            _check_arch_kwargs(self.arch_kwargs, self.arch)
         if self.cond and self.arch not in SONG_PRESETS:
-            bad("cond", f"needs a DDPM++ --arch ({', '.join(SONG_PRESETS)}); {self.arch!r} has no label input")
+            self.fail("cond", f"needs a DDPM++ --arch ({', '.join(SONG_PRESETS)}); {self.arch!r} has no label input")
         if not 0.0 <= self.augment <= 1.0:
-            bad("augment", f"must be a probability in [0, 1], got {self.augment!r}")
+            self.fail("augment", f"must be a probability in [0, 1], got {self.augment!r}")
         if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", f"must be in [0, 1), got {self.dropout!r}")
+            self.fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
         if self.max_size is not None and self.max_size < 1:
-            bad("max_size", f"must be >= 1, got {self.max_size}")
+            self.fail("max_size", f"must be >= 1, got {self.max_size}")
         if self.resolution is not None and not 8 <= self.resolution <= 512:
-            bad("resolution", f"must be in [8, 512], got {self.resolution}")
+            self.fail("resolution", f"must be in [8, 512], got {self.resolution}")
         if int(self.batch) != self.batch:
-            bad("batch", f"must be an integer, got {self.batch!r}")
+            self.fail("batch", f"must be an integer, got {self.batch!r}")
         if self.init is not None and (not isinstance(self.init, str) or not self.init):
-            bad("init", f"must be a model folder, got {self.init!r}")
+            self.fail("init", f"must be a model folder, got {self.init!r}")
         if not self.outdir:
-            bad("outdir", "must not be empty")
+            self.fail("outdir", "must not be empty")
         return self

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ambient import distributed as dist_utils
-from ambient.configbase import dataclass_from_dict
+from ambient.configbase import ConfigBase, is_int
 from ambient.data.datasets import ImageDataset
 from ambient.data.images import float_to_uint8, save_grid
 from ambient.errors import AmbientInputError
@@ -43,7 +43,7 @@ FULL_IMAGE_METHODS = ("mmps", "dps", "project")
 
 
 @dataclass(frozen=True)
-class RestoreConfig:
+class RestoreConfig(ConfigBase, what="restore"):
     """How to restore; field names match the ``ambient restore`` flags. Round-trips through JSON."""
 
     method: str = "mmps"
@@ -57,29 +57,23 @@ class RestoreConfig:
     solver: str = "heun"
 
     def __post_init__(self):
-        checks = [("--method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
-                  ("--steps", _is_int(self.steps, 1), "must be an integer >= 1"),
-                  ("--cg-iters", _is_int(self.cg_iters, 1), "must be an integer >= 1"),
-                  ("--num-per-image", _is_int(self.num_per_image, 1), "must be an integer >= 1"),
-                  ("--sigma-y", math.isfinite(self.sigma_y) and self.sigma_y >= 0, "must be >= 0"),
-                  ("--seed", _is_int(self.seed, 0) and self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
-                  ("--batch", _is_int(self.batch, 1), "must be an integer >= 1"),
-                  ("--dps-step", math.isfinite(self.dps_step) and self.dps_step > 0, "must be > 0"),
-                  ("--solver", self.solver in SOLVERS, f"must be one of {', '.join(SOLVERS)}")]
-        for flag, ok, what in checks:
+        self.validate()
+
+    def validate(self) -> RestoreConfig:
+        """Raise AmbientInputError naming the flag of the first bad value (a config is checked when made)."""
+        checks = [("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+                  ("steps", is_int(self.steps, 1), "must be an integer >= 1"),
+                  ("cg_iters", is_int(self.cg_iters, 1), "must be an integer >= 1"),
+                  ("num_per_image", is_int(self.num_per_image, 1), "must be an integer >= 1"),
+                  ("sigma_y", math.isfinite(self.sigma_y) and self.sigma_y >= 0, "must be >= 0"),
+                  ("seed", is_int(self.seed, 0) and self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}"),
+                  ("batch", is_int(self.batch, 1), "must be an integer >= 1"),
+                  ("dps_step", math.isfinite(self.dps_step) and self.dps_step > 0, "must be > 0"),
+                  ("solver", self.solver in SOLVERS, f"must be one of {', '.join(SOLVERS)}")]
+        for name, ok, what in checks:
             if not ok:
-                raise AmbientInputError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))!r}: {what}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RestoreConfig:
-        return dataclass_from_dict(cls, d, "restore")
-
-
-def _is_int(v, lo: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+                self.fail(name, f"{what}, got {getattr(self, name)!r}")
+        return self
 
 
 @dataclass
