@@ -41,6 +41,7 @@ from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.folders import EM_RUN, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl, read_npz
+from ambient.learners.core import check_resume_compatible
 from ambient.learners.gaussian_prior import NOISES, GaussianPrior, fit_gaussian
 from ambient.learners.train_config import TrainConfig
 from ambient.nets.registry import ARCHS
@@ -49,7 +50,8 @@ from ambient.sampling.posterior import ambient_mean, mmps_samples
 from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 
 LAP0 = ("mean", "sample")
-RESUMABLE = frozenset({"laps", "device", "outdir"})  # may change when a run is resumed
+# Fields that may change when a run is resumed; every other field must match the saved run.
+RESUMABLE_CHANGES = frozenset({"laps", "device", "outdir"})
 
 
 @dataclass
@@ -216,10 +218,7 @@ class EMRun:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
                                     "other pixels or masks); use another --outdir")
-        for key, value in self.cfg.to_dict().items():
-            if key not in RESUMABLE and key in old and old[key] != value:
-                raise AmbientInputError(f"--{key.replace('_', '-')} is {value!r} but the run in {self.root} "
-                                        f"used {old[key]!r}; use the same value or another --outdir")
+        check_resume_compatible(old, self.cfg.to_dict(), RESUMABLE_CHANGES, self.root)
 
     # ------------------------------------------------------------------ laps
     def run(self) -> Path:

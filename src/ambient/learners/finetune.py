@@ -38,7 +38,7 @@ from ambient.learners.core import (
     skipped_snapshots_notice,
     update_ema,
 )
-from ambient.learners.finetune_config import IDENTITY_KEYS, FinetuneConfig
+from ambient.learners.finetune_config import RESUMABLE_CHANGES, FinetuneConfig
 from ambient.learners.runlog import OutdirLock
 from ambient.nets.pretrained import MaskedUNet, add_mask_channels, image_channels, load_pretrained, unet_class
 from ambient.nets.schedules import alphas_cumprod
@@ -123,8 +123,7 @@ def _build_or_resume(config: FinetuneConfig, outdir: Path, device, log: Callable
     saved_full_rgb = old.get("mask_full_rgb") if isinstance(old.get("mask_full_rgb"), bool) else None
     config, ds = load_data(config, saved_full_rgb)
     if snap is not None:
-        may_change = set(config.to_dict()) - set(IDENTITY_KEYS)
-        check_resume_compatible(old, config.to_dict(), may_change, snap_dir,
+        check_resume_compatible(old, config.to_dict(), RESUMABLE_CHANGES, snap_dir,
                                 fresh_start="another --outdir (or --no-resume)")
         net, scheduler = _rebuild(snap)
         if int(snap.extra_state["step"]) < config.steps:  # else finetune() says there is nothing to do

@@ -11,10 +11,9 @@ from ambient.nets.finetuned import HIDDEN_X0, TIMESTEP_MODES
 from ambient.nets.pretrained import MASK_MODES
 from ambient.objectives.ddpm import WEIGHTINGS
 
-# Options that define the run: a resumed run must agree on them (the rest may change on resume).
-IDENTITY_KEYS = ("pretrained", "data", "data_dir", "max_size", "resolution", "corruption_pattern",
-                 "corruption_probability", "delta_probability", "mask_full_rgb", "mask_mode",
-                 "hidden_x0", "loss_weight", "snr_gamma", "seed", "batch", "grad_accum")
+# Fields that may change when a run is resumed; every other field must match the saved run.
+RESUMABLE_CHANGES = frozenset({"outdir", "timestep_mode", "lr", "steps", "ema", "grad_clip", "xflip",
+                               "snapshot_every", "log_every", "device", "resume"})
 
 
 @dataclass(frozen=True)
