@@ -246,3 +246,30 @@ def test_wrappers_take_the_models_sigma_range_and_schedule():
     assert list(model_sigmas(w, 3)) == Own().schedule(3)
     plain = Projection(p["den"], p["y"], MaskOperator(p["mask"]))  # a plain callable: EDM's range
     torch.testing.assert_close(model_sigmas(plain, 4), edm_sigmas(4))
+
+
+def test_every_wrapper_is_a_denoiser_wrapper():
+    """The posterior wrappers, the fixed-mask ensemble and bound class labels share one base that delegates."""
+    from ambient.nets.conditional import LabelledDenoiser, one_hot
+    from ambient.nets.denoiser import DenoiserWrapper, MaskDenoiser
+    from ambient.sampling.fixed_mask import FixedMaskEnsemble
+
+    class Own(MaskDenoiser):
+        img_channels, sigma_min, sigma_max = 1, 0.01, 20.0
+
+        def schedule(self, n):
+            return torch.linspace(20.0, 0.01, n, dtype=torch.float64)
+
+        def denoise(self, x, sigma, mask, class_labels=None):
+            return x
+
+    own, p = Own(), gaussian_problem(0.1)
+    op = MaskOperator(p["mask"])
+    wrappers = [MMPS(own, p["y"], op), DPS(own, p["y"], op), Projection(own, p["y"], op),
+                AmbientMean(own, p["y"], p["mask"]), FixedMaskEnsemble(own, None),
+                LabelledDenoiser(own, one_hot([0], 2))]
+    for w in wrappers:
+        assert isinstance(w, DenoiserWrapper) and w.denoiser is own
+        assert (w.sigma_min, w.sigma_max) == (0.01, 20.0) and torch.equal(w.schedule(4), own.schedule(4))
+    for w in (FixedMaskEnsemble(lambda x, s, m: x, None), Projection(lambda x, s: x, p["y"], op)):  # plain callables
+        assert (w.sigma_min, w.sigma_max, w.schedule(4)) == (0.002, 80.0, None)

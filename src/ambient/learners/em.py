@@ -48,6 +48,7 @@ from ambient.nets.registry import ARCHS
 from ambient.rng import EM_DRAW_STREAM, EM_GFIT_STREAM, EM_MSTEP_STREAM, EM_SUBSET_STREAM, mix_seed
 from ambient.sampling.posterior import ambient_mean, mmps_samples
 from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
+from ambient.store.upgrades import em_section
 
 LAP0 = ("mean", "sample")
 # Fields that may change when a run is resumed; every other field must match the saved run.
@@ -209,16 +210,13 @@ class EMRun:
         if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
             return
         saved = read_json(path)
-        old, meta = saved.get("em", {}), saved.get("data", {})
-        if old and "lap0" not in old:  # runs from before the lap0 option drew exact Gaussian posterior samples
-            old["lap0"] = "sample"
-        if isinstance(old.get("rank"), int) and old["rank"] > self.y[0].numel():  # recorded as given, before
-            old["rank"] = self.y[0].numel()  # runs recorded the rank used
+        meta = saved.get("data", {})
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
                                     "other pixels or masks); use another --outdir")
-        check_resume_compatible(old, self.cfg.to_dict(), RESUMABLE_CHANGES, self.root)
+        check_resume_compatible(em_section(saved.get("em", {}), meta), self.cfg.to_dict(), RESUMABLE_CHANGES,
+                                self.root)
 
     # ------------------------------------------------------------------ laps
     def run(self) -> Path:

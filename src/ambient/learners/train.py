@@ -45,6 +45,7 @@ from ambient.objectives.losses import training_loss
 from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
+from ambient.store.upgrades import train_section
 from ambient.store.warmstart import load_init_weights
 
 
@@ -79,19 +80,15 @@ def _resume_source(cfg: TrainConfig, outdir: Path) -> Path | None:
 
 
 def _saved_train(source: Path | None) -> dict:
-    """The ``train`` section of the run to be resumed ({} when none), with what runs from before an
-    option used filled in (``loss_weighting``: the paper's ``edm``)."""
+    """The ``train`` section of the run to be resumed ({} when none), upgraded to today's
+    (:func:`ambient.store.upgrades.train_section`)."""
     if source is None:
         return {}
     try:
         saved = json.loads((source / "config.json").read_text()).get("train", {})
     except (OSError, ValueError, AttributeError):
         return {}  # load_snapshot reports a broken snapshot with its own message
-    return _with_legacy_defaults(saved) if isinstance(saved, dict) else {}
-
-
-def _with_legacy_defaults(train: dict) -> dict:
-    return {**train, "loss_weighting": train.get("loss_weighting") or "edm"} if train else train
+    return train_section(saved) if isinstance(saved, dict) else {}
 
 
 def _saved_mask_full_rgb(source: Path | None) -> bool | None:
@@ -129,7 +126,7 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, so
     if old_shape is not None and list(old_shape) != list(new_shape):
         raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
                                 f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
-    check_resume_compatible(_with_legacy_defaults(saved.get("train", {})), cfg.to_dict(), RESUMABLE_CHANGES, source)
+    check_resume_compatible(train_section(saved.get("train", {})), cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
 def _build_or_resume(cfg: TrainConfig, model_cfg: ModelConfig, run_config: dict, source: Path | None, device,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ambient.errors import AmbientInputError
-from ambient.nets.denoiser import MaskDenoiser
+from ambient.nets.denoiser import DenoiserWrapper, MaskDenoiser
 
 
 def one_hot(labels, label_dim: int, device=None) -> torch.Tensor:
@@ -48,35 +48,24 @@ def batch_labels(data, indices: torch.Tensor, label_dim: int, device) -> torch.T
     return one_hot(data.labels[torch.as_tensor(indices, dtype=torch.int64).reshape(-1)], label_dim, device)
 
 
-class LabelledDenoiser(MaskDenoiser):
+class LabelledDenoiser(DenoiserWrapper, MaskDenoiser):
     """A conditional denoiser with its class labels bound: ``D(x, sigma, mask)``.
 
     ``class_labels`` is (N, label_dim) for batches of exactly N images, or (1, label_dim) for any batch.
+    The σ range and schedule are the wrapped denoiser's.
     """
 
     def __init__(self, inner: MaskDenoiser, class_labels: torch.Tensor):
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.img_channels = inner.img_channels
         self.sigma_data = inner.sigma_data
         self.register_buffer("class_labels", class_labels.to(torch.float32), persistent=False)
-
-    @property
-    def sigma_min(self) -> float:
-        return self.inner.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.inner.sigma_max
-
-    def schedule(self, num_steps: int):
-        return self.inner.schedule(num_steps)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         labels = self.class_labels
         if labels.shape[0] == 1:
             labels = labels.expand(x.shape[0], -1)
-        return self.inner.denoise(x, sigma, mask, class_labels=labels.to(x.device))
+        return self.denoiser.denoise(x, sigma, mask, class_labels=labels.to(x.device))
 
 
 

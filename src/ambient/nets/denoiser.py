@@ -57,8 +57,8 @@ class FullImageDenoiser(nn.Module):
     tensor or a number); returns the estimate of x0 with x's shape (any float dtype; solvers
     cast it). Attributes: ``sigma_min`` / ``sigma_max``, the noise levels the model was trained
     for (EDM's 0.002 / 80 by default), ``sigma_data``, and :meth:`schedule`.
-    Wrappers (the fixed-mask ensemble, posterior denoisers) subclass it and take their
-    ``sigma_*`` and ``schedule`` from the denoiser they wrap.
+    Wrappers (the fixed-mask ensemble, posterior denoisers, bound class labels) derive from
+    :class:`DenoiserWrapper`, which takes ``sigma_*`` and ``schedule`` from the denoiser they wrap.
     """
 
     sigma_min: float = 0.002
@@ -72,6 +72,31 @@ class FullImageDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class DenoiserWrapper(FullImageDenoiser):
+    """Base of denoisers that wrap another one, ``self.denoiser``, and keep its σ range and schedule.
+
+    ``denoiser`` may be any callable: one without ``sigma_min`` / ``sigma_max`` gets EDM's
+    (:class:`FullImageDenoiser`'s), one without ``schedule`` none of its own. An ``nn.Module``
+    ``denoiser`` becomes a submodule of the wrapper.
+    """
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    @property
+    def sigma_min(self) -> float:
+        return float(getattr(self.denoiser, "sigma_min", FullImageDenoiser.sigma_min))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(getattr(self.denoiser, "sigma_max", FullImageDenoiser.sigma_max))
+
+    def schedule(self, num_steps: int) -> torch.Tensor | None:
+        own = getattr(self.denoiser, "schedule", None)
+        return own(num_steps) if callable(own) else None
 
 
 class MaskDenoiser(FullImageDenoiser):

@@ -42,8 +42,8 @@ class SamplingSpec:
 
     corruption: Corruption
     data_survival: float | None = None  # A came with the data: its measured observed share
-    # False for runs saved before the mask law was recorded (``mask_law`` in config.json): their
-    # masks follow ``corruption.mask_full_rgb`` as they did then (per channel unless the flag was given).
+    # False for runs saved before the mask law was recorded (``mask_law`` in config.json): their law is
+    # the one they were trained with, filled in by ambient.store.upgrades.sampling_section.
     mask_law_recorded: bool = True
 
     def sampler_kwargs(self) -> dict:
@@ -62,26 +62,20 @@ class SamplingSpec:
         """"pixel" (one mask draw for all channels of a pixel) or "channel"."""
         return "pixel" if self.corruption.mask_full_rgb else "channel"
 
-    def legacy_notice(self, img_channels: int, where: str) -> str | None:
-        """A one-line notice for an old colour run with data masks whose mask law was not recorded."""
-        if self.mask_law_recorded or self.data_survival is None or img_channels == 1:
-            return None
-        return (f"notice: {where} was saved before mask laws were recorded; its sampler draws masks per "
-                f"{self.mask_law} as it was trained (new runs take the law from the data's masks)")
-
     def to_dict(self) -> dict:
         return {"corruption": self.corruption.to_dict(), "data_survival": self.data_survival,
                 "mask_law": self.mask_law}
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingSpec:
+        """The spec of a ``sampling`` section as :meth:`to_dict` writes it (a saved folder's section passes
+        through :func:`ambient.store.upgrades.sampling_section` first)."""
         corruption = Corruption.from_dict(d["corruption"])
-        law = d.get("mask_law")
-        if law is not None:
-            if law not in ("pixel", "channel"):
-                raise ValueError(f"mask_law must be 'pixel' or 'channel', got {law!r}")
-            corruption = replace(corruption, mask_full_rgb=law == "pixel")
-        return cls(corruption, d.get("data_survival"), law is not None)
+        law = d["mask_law"]
+        if law not in ("pixel", "channel"):
+            raise ValueError(f"mask_law must be 'pixel' or 'channel', got {law!r}")
+        corruption = replace(corruption, mask_full_rgb=law == "pixel")
+        return cls(corruption, d.get("data_survival"), bool(d.get("mask_law_recorded", True)))
 
 
 def build_denoiser(cfg: ModelConfig) -> Denoiser:

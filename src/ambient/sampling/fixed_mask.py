@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ambient.data.corruption import Corruption, check_mask, sampling_masks
-from ambient.nets.denoiser import FullImageDenoiser, MaskDenoiser
+from ambient.nets.denoiser import DenoiserWrapper, FullImageDenoiser, MaskDenoiser
 from ambient.nets.schedules import edm_sigmas
 from ambient.rng import NOISE_STREAM, SeedNoise, mix_seed
 from ambient.sampling.solvers import SOLVERS, Denoise, sample_euler, sample_heun, solver_by_name
@@ -61,7 +61,7 @@ def _device_of(denoiser) -> torch.device:
     return torch.device("cpu")
 
 
-class FixedMaskEnsemble(FullImageDenoiser):
+class FixedMaskEnsemble(DenoiserWrapper):
     """A mask-input denoiser seen through K fixed masks, as a full-image denoiser ``D(x, sigma)``.
 
     ``D(x, σ) = mean_k clip(D_inner(m_k ⊙ x, σ, m_k))`` with ``masks`` (K, N, C, H, W) held fixed
@@ -79,8 +79,7 @@ class FixedMaskEnsemble(FullImageDenoiser):
 
     def __init__(self, denoiser, masks: torch.Tensor | None, *, clip: str = "none", guidance_scale: float = 0.0,
                  dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.inner = denoiser
+        super().__init__(denoiser)
         self.masks = masks
         self.clip = clip
         self.guidance_scale = float(guidance_scale)
@@ -91,17 +90,6 @@ class FixedMaskEnsemble(FullImageDenoiser):
             self._call = lambda x, sigma, mask: denoiser(x, sigma)
         else:  # any callable D(x, sigma, mask)
             self._call = denoiser
-
-    @property
-    def sigma_min(self) -> float:
-        return _attr(self.inner, "sigma_min")
-
-    @property
-    def sigma_max(self) -> float:
-        return _attr(self.inner, "sigma_max")
-
-    def schedule(self, num_steps: int) -> torch.Tensor | None:
-        return self.inner.schedule(num_steps) if isinstance(self.inner, FullImageDenoiser) else None
 
     def predictions(self, x: torch.Tensor, sigma: torch.Tensor) -> list[torch.Tensor]:
         """The K clipped predictions (one without masks); ``x`` in ``dtype``, ``sigma`` (N,)."""

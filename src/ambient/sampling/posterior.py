@@ -3,9 +3,10 @@
 Each class wraps a full-image denoiser ``D(x_t, sigma) -> E[x | x_t]`` (any callable, e.g. a
 :class:`ambient.nets.denoiser.FullImageDenoiser`; the model is never modified) and is itself a
 :class:`~ambient.nets.denoiser.FullImageDenoiser` ``(x_t, sigma) -> x0`` that estimates E[x | x_t, y],
-with the wrapped model's σ range and schedule. The probability-flow ODE of p(x_t | y) has that
-estimate in place of D, so :func:`ambient.sampling.solvers.sample_heun` / ``sample_euler`` with the usual σ
-schedules and per-seed noise draw posterior samples unchanged. Operators come from :mod:`ambient.operators.base`.
+with the wrapped model's σ range and schedule (:class:`~ambient.nets.denoiser.DenoiserWrapper`). The
+probability-flow ODE of p(x_t | y) has that estimate in place of D, so
+:func:`ambient.sampling.solvers.sample_heun` / ``sample_euler`` with the usual σ schedules and
+per-seed noise draw posterior samples unchanged. Operators come from :mod:`ambient.operators.base`.
 
 * :class:`MMPS` (moment matching, Rozet et al. 2024): x | x_t is taken Gaussian with mean
   x̂ = D(x_t) and Tweedie's covariance Cov[x | x_t] = σ² ∂D/∂x_t =: σ² J. Then
@@ -33,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from ambient.nets.denoiser import FullImageDenoiser
+from ambient.nets.denoiser import DenoiserWrapper
 from ambient.operators.base import LinearOperator
 from ambient.operators.mask import MaskOperator
 from ambient.rng import SeedNoise
@@ -86,32 +87,13 @@ def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-class _Wrapper(FullImageDenoiser):
-    """Takes σ range and schedule from the wrapped ``denoiser`` (EDM's defaults for a plain callable)."""
-
-    denoiser: Denoise
-
-    @property
-    def sigma_min(self) -> float:
-        return float(getattr(self.denoiser, "sigma_min", FullImageDenoiser.sigma_min))
-
-    @property
-    def sigma_max(self) -> float:
-        return float(getattr(self.denoiser, "sigma_max", FullImageDenoiser.sigma_max))
-
-    def schedule(self, num_steps: int) -> torch.Tensor | None:
-        own = getattr(self.denoiser, "schedule", None)
-        return own(num_steps) if callable(own) else None
-
-
-class PosteriorDenoiser(_Wrapper):
+class PosteriorDenoiser(DenoiserWrapper):
     """Base of the wrappers: ``denoiser`` D(x, σ) → x0, observations ``y`` = A x + σ_y n, ``operator`` A."""
 
     def __init__(self, denoiser: Denoise, y: torch.Tensor, operator: LinearOperator, sigma_y: float = 0.0):
-        super().__init__()
+        super().__init__(denoiser)
         if not float(sigma_y) >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y!r}")
-        self.denoiser = denoiser
         self.y = y
         self.operator = operator
         self.sigma_y = float(sigma_y)
@@ -202,7 +184,7 @@ class Projection(PosteriorDenoiser):
             return x0 + self.operator.pinv(self.residual(x0))
 
 
-class AmbientMean(_Wrapper):
+class AmbientMean(DenoiserWrapper):
     """D(A ⊙ y, σ_obs, A) for a mask-input denoiser ``D(x, sigma, mask)``: the posterior mean E[x | y].
 
     The model learnt E[x0 | A ⊙ (x0 + σ n), A]; fed the observation with its own mask at the noise
@@ -213,10 +195,9 @@ class AmbientMean(_Wrapper):
 
     def __init__(self, denoiser, y: torch.Tensor, mask: torch.Tensor, sigma_y: float = 0.0,
                  sigma_floor: float = 0.002):
-        super().__init__()
+        super().__init__(denoiser)
         if not float(sigma_y) >= 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y!r}")
-        self.denoiser = denoiser
         self.operator = MaskOperator(mask)
         self.y = y
         self.sigma_obs = max(float(sigma_y), float(sigma_floor))

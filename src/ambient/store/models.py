@@ -23,6 +23,7 @@ from ambient.io import read_json
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.store.snapshots import latest_snapshot, load_snapshot
 from ambient.store.statedict import load_state_dict_strict
+from ambient.store.upgrades import mask_law_notice, sampling_section
 
 # A run folder that holds models in subfolders names the one to use in this file: {"model": "<subfolder>"}.
 MODEL_POINTER = "model_pointer.json"
@@ -95,14 +96,14 @@ def _load_finetuned(p: Path, device) -> LoadedModel:
 
     den = load_finetuned(p, device=device)
     cfg = __import__("json").loads((p / "config.json").read_text())
-    spec = SamplingSpec.from_dict(cfg["sampling"])
+    spec = SamplingSpec.from_dict(sampling_section(cfg["sampling"]))
     shape = tuple(int(v) for v in cfg["model"]["image_shape"])
     _notify_legacy(spec, shape[0], p)
     return LoadedModel(den, None, spec, cfg, p, shape)
 
 
 def _notify_legacy(spec: SamplingSpec, img_channels: int, where: Path) -> None:
-    notice = spec.legacy_notice(img_channels, str(where))
+    notice = mask_law_notice(spec, img_channels, str(where))
     if notice:
         print(notice, file=sys.stderr)
 
@@ -123,7 +124,7 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | t
                                 "(no 'model' / 'sampling' sections)")
     try:
         model_cfg = ModelConfig.from_dict(cfg["model"])
-        spec = SamplingSpec.from_dict(cfg["sampling"])
+        spec = SamplingSpec.from_dict(sampling_section(cfg["sampling"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise AmbientInputError(f"{snap_dir / 'config.json'}: bad model config ({exc})") from None
     den = build_denoiser(model_cfg)

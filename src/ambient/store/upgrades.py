@@ -1,0 +1,65 @@
+"""Old run folders read as today's: every rule that fills in what an older version did not record.
+
+Each function takes one section of a saved config, as read from its JSON file, and returns it as
+today's code would have written it for the same run (a new dict; the argument is left as it is).
+Whoever reads a saved config calls the function of its section first, and nowhere else fills in
+old folders' gaps:
+
+* a train snapshot's or run's ``config.json``: ``train`` → :func:`train_section` (resume), ``sampling``
+  → :func:`sampling_section` (:func:`ambient.store.models.load_model`, also for finetuned exports);
+* an em run's ``em_config.json``: ``em`` → :func:`em_section` (resume).
+
+Fields a saved run never recorded and no rule fills in are not compared on resume
+(:func:`ambient.learners.core.check_resume_compatible`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ambient.nets.registry import SamplingSpec
+
+
+def train_section(train: dict) -> dict:
+    """A saved ``train`` section (``TrainConfig.to_dict()``) as today's."""
+    if not train:
+        return train
+    # loss_weighting: recorded since 2026-12-01 (4d2df32, "--loss-weighting"); runs from before trained with edm
+    return {**train, "loss_weighting": train.get("loss_weighting") or "edm"}
+
+
+def em_section(em: dict, data: dict) -> dict:
+    """A saved ``em`` section (``EMConfig.to_dict()``) as today's; ``data``: the same file's ``data`` section
+    (the observations' fingerprint and shape)."""
+    em = dict(em)
+    # lap0: recorded since 2026-12-01 (38c025f, "--lap0"); runs from before drew exact Gaussian posterior samples
+    if em and "lap0" not in em:
+        em["lap0"] = "sample"
+    # rank: recorded as used (at most the pixel count) since issue 22 (2026-12-04); before, as given
+    shape = data.get("shape") if isinstance(data, dict) else None
+    if isinstance(shape, list) and all(isinstance(n, int) for n in shape) and isinstance(em.get("rank"), int):
+        em["rank"] = min(em["rank"], math.prod(shape))
+    return em
+
+
+def sampling_section(sampling: dict) -> dict:
+    """A saved ``sampling`` section (``SamplingSpec.to_dict()``) as today's.
+
+    Sections from before the mask law was recorded get the law their sampler used, the corruption's
+    ``mask_full_rgb`` (per channel unless the flag was given), and ``"mask_law_recorded": False``
+    (:func:`mask_law_notice` tells the user).
+    """
+    # mask_law: recorded since issue 13 (2026-12-01, 92c27ab); the sampler then followed corruption.mask_full_rgb
+    if not isinstance(sampling, dict) or sampling.get("mask_law") is not None:
+        return sampling
+    corruption = sampling.get("corruption")
+    full_rgb = bool(corruption.get("mask_full_rgb", False)) if isinstance(corruption, dict) else False
+    return {**sampling, "mask_law": "pixel" if full_rgb else "channel", "mask_law_recorded": False}
+
+
+def mask_law_notice(spec: SamplingSpec, img_channels: int, where: str) -> str | None:
+    """A one-line notice for an old colour run with data masks whose mask law was not recorded."""
+    if spec.mask_law_recorded or spec.data_survival is None or img_channels == 1:
+        return None
+    return (f"notice: {where} was saved before mask laws were recorded; its sampler draws masks per "
+            f"{spec.mask_law} as it was trained (new runs take the law from the data's masks)")

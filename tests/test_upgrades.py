@@ -1,0 +1,40 @@
+"""Old-folder upgrades: each rule fills in what an older version did not record, and leaves today's sections
+(and its argument) as they are. The folders themselves are loaded in test_fixture_folders.py, test_cli.py
+(loss weighting), test_em.py (lap0) and test_mask_law.py (mask law)."""
+
+import copy
+
+from ambient.data.corruption import Corruption
+from ambient.nets.registry import SamplingSpec
+from ambient.store.upgrades import em_section, mask_law_notice, sampling_section, train_section
+
+
+def test_train_section():
+    assert train_section({}) == {}
+    old = {"kimg": 1.0}
+    assert train_section(old) == {"kimg": 1.0, "loss_weighting": "edm"} and old == {"kimg": 1.0}
+    assert train_section({"loss_weighting": None})["loss_weighting"] == "edm"
+    assert train_section({"loss_weighting": "tilted"}) == {"loss_weighting": "tilted"}
+
+
+def test_em_section():
+    data = {"fingerprint": "f", "shape": [1, 8, 8]}
+    assert em_section({}, data) == {}
+    old = {"rank": 1000}
+    assert em_section(old, data) == {"rank": 64, "lap0": "sample"} and old == {"rank": 1000}
+    assert em_section({"rank": 16, "lap0": "mean"}, data) == {"rank": 16, "lap0": "mean"}
+    assert em_section({"rank": 1000, "lap0": "mean"}, {}) == {"rank": 1000, "lap0": "mean"}
+
+
+def test_sampling_section_and_notice():
+    today = SamplingSpec(Corruption("dust", 0.5, 0.1, True), 0.4).to_dict()
+    assert sampling_section(today) is today
+    for full_rgb, law in ((True, "pixel"), (False, "channel")):
+        old = copy.deepcopy(today)
+        del old["mask_law"]
+        old["corruption"]["mask_full_rgb"] = full_rgb
+        spec = SamplingSpec.from_dict(sampling_section(old))
+        assert "mask_law" not in old and spec.mask_law == law and not spec.mask_law_recorded
+        assert spec.corruption == Corruption.from_dict(old["corruption"])
+        assert f"masks per {law}" in mask_law_notice(spec, 3, "RUN") and mask_law_notice(spec, 1, "RUN") is None
+    assert mask_law_notice(SamplingSpec.from_dict(today), 3, "RUN") is None
