@@ -178,6 +178,19 @@ def test_env_helpers(monkeypatch):
     assert sorted(sum(shares, [])) == list(range(7)) and shares[0] == [0, 3, 6]
 
 
+def test_shard_and_gather_in_one_process():
+    """One process does every item; the rows come back in item order with the work's extra."""
+    seen = []
+
+    def work(idx):
+        seen.append(idx)
+        return torch.tensor(idx, dtype=torch.float64)[:, None] * 2, len(idx)
+
+    out, extras = dist_utils.shard_and_gather(5, work, dist_utils.DistEnv())
+    assert seen == [[0, 1, 2, 3, 4]] and extras == [5]
+    assert out.dtype == torch.float64 and out[:, 0].tolist() == [0, 2, 4, 6, 8]
+
+
 def _weights_or_none():
     from ambient.metrics import inception as inc
 

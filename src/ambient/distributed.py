@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,6 +119,31 @@ def barrier(env: DistEnv) -> None:
 def shard(items: list, env: DistEnv) -> list:
     """This rank's share of a list (round-robin), e.g. seeds for sampling."""
     return items[env.rank::env.world_size]
+
+
+def shard_and_gather(num: int, work: Callable[[list[int]], tuple[torch.Tensor, Any]],
+                     env: DistEnv) -> tuple[torch.Tensor, list] | None:
+    """Items 0..num-1 shared over the ranks (round-robin, :func:`shard`), their results gathered on rank 0.
+
+    Each rank calls ``work(indices)`` on its share; it returns (rows, extra) with ``rows[i]`` the result
+    of item ``indices[i]`` and ``extra`` anything picklable (e.g. timings). Rank 0 gets every row in item
+    order, (num, …) on the CPU in the rows' dtype, and the ranks' extras in rank order; the others get None.
+    """
+    mine = shard(list(range(num)), env)
+    rows, extra = work(mine)
+    part = (mine, rows.cpu(), extra)
+    gathered = [None] * env.world_size if env.rank == 0 else None
+    if env.world_size > 1:
+        dist.gather_object(part, gathered, dst=0)
+    else:
+        gathered = [part]
+    if env.rank != 0:
+        return None
+    first = gathered[0][1]
+    out = torch.empty((num, *first.shape[1:]), dtype=first.dtype)
+    for idx, r, _ in gathered:
+        out[idx] = r
+    return out, [e for _, _, e in gathered]
 
 
 def compile_regions(module: torch.nn.Module) -> torch.nn.Module:

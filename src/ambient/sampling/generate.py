@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ambient import distributed as dist_utils
 from ambient.data.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
@@ -105,16 +104,9 @@ def sample_distributed(loaded: LoadedModel, seeds: list[int], **kwargs) -> torch
     kwargs["device"] = env.device
     kwargs["progress"] = kwargs.get("progress", False) and env.rank == 0
     loaded.denoiser.to(env.device)
-    mine = dist_utils.shard(list(range(len(seeds))), env)
-    images = sample_model(loaded, [seeds[i] for i in mine], **kwargs).cpu()
-    gathered = [None] * env.world_size if env.rank == 0 else None
-    dist.gather_object((mine, images), gathered, dst=0)
-    if env.rank != 0:
-        return None
-    out = torch.empty((len(seeds), *images.shape[1:]))
-    for idx, imgs in gathered:
-        out[idx] = imgs
-    return out
+    gathered = dist_utils.shard_and_gather(
+        len(seeds), lambda mine: (sample_model(loaded, [seeds[i] for i in mine], **kwargs), None), env)
+    return None if gathered is None else gathered[0]
 
 
 def grid_path_for(out: Path) -> Path:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ambient import distributed as dist_utils
 from ambient.configbase import ConfigBase, is_int
@@ -175,19 +174,20 @@ def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreCon
     check_inputs(loaded, data, cfg)
     loaded.denoiser.to(env.device)
     total = len(data) * cfg.num_per_image
-    mine = dist_utils.shard(list(range(total)), env)
-    part = restore(loaded, data, cfg, device=env.device, rows=mine, progress=progress and env.rank == 0)
-    gathered = [None] * env.world_size if env.rank == 0 else None
-    dist.gather_object((mine, part.images, part.seconds, part.calls), gathered, dst=0)
-    if env.rank != 0:
+
+    def work(mine: list[int]):
+        part = restore(loaded, data, cfg, device=env.device, rows=mine, progress=progress and env.rank == 0)
+        return part.images, (part.seconds, part.calls)
+
+    gathered = dist_utils.shard_and_gather(total, work, env)
+    if gathered is None:
         return None
-    images = torch.empty((total, *data.shape))
+    images, extras = gathered
     calls = {"forward": 0, "vjp": 0}
-    for idx, imgs, _, c in gathered:
-        images[idx] = imgs
+    for _, c in extras:
         calls = {k: calls[k] + c[k] for k in calls}
     index = torch.arange(total, dtype=torch.int64) // cfg.num_per_image
-    return Restored(images, index, max(g[2] for g in gathered), calls)
+    return Restored(images, index, max(s for s, _ in extras), calls)
 
 
 def check_restore_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
