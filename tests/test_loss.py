@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ambient.data.corruption import Corruption
+from ambient.data.datasets import augment_batch
 from ambient.nets.backbones import build_backbone
 from ambient.nets.denoiser import Denoiser
 from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
@@ -202,7 +203,7 @@ def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
     a[3] = a[1]  # image index 1 appears twice, with its mask
     idx = torch.tensor([3, 1, 4, 1, 5, 9])
     loss = AmbientLoss(further=c)
-    d1, d2 = loss.draw(y, a, idx, gen(7), 0.5), loss.draw(y, a, idx, gen(7), 0.5)
+    d1, d2 = loss.draw(y, a, idx, gen(7), 0.5, augment_batch), loss.draw(y, a, idx, gen(7), 0.5, augment_batch)
     for f in ("y", "mask", "mask_hat", "noise_level", "noise"):
         assert torch.equal(getattr(d1, f), getattr(d2, f)), f
     flipped = ~torch.all(d1.y == y, dim=(1, 2, 3))
@@ -212,7 +213,9 @@ def test_draw_is_a_pure_function_of_the_generator_and_keeps_masks_with_images():
     fixed = AmbientLoss(further=c, fixed_further=True, seed=11)
     f1, f2 = fixed.draw(y, a, idx, gen(1)), fixed.draw(y, a, idx, gen(2))
     assert torch.equal(f1.mask_hat, f2.mask_hat) and torch.equal(f1.mask_hat[1], f1.mask_hat[3])  # index 1 twice
-    e = EDMLoss().draw(y, a, idx, gen(7), 0.5)
+    e = EDMLoss().draw(y, a, idx, gen(7), 0.5, augment_batch)
+    with pytest.raises(ValueError, match="needs flip"):
+        loss.draw(y, a, idx, gen(7), 0.5)
     assert torch.equal(e.mask, torch.ones_like(y)) and torch.equal(e.mask_hat, e.mask)
     part = d1[1:3]
     assert torch.equal(part.noise, d1.noise[1:3]) and torch.equal(part.mask_hat, d1.mask_hat[1:3])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ambient.data.datasets import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
+from ambient.data.datasets import ImageDataset, augment_batch, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.folders import FINETUNE_RUN, FINETUNE_SNAPSHOT, claim_outdir, stamped
@@ -205,7 +205,7 @@ def _finetune(config: FinetuneConfig, log: Callable[[str], None] | None, lock: O
             g = torch.Generator().manual_seed(mix_seed(STEP_STREAM, config.seed, step, micro))
             idx = order.indices((step - 1) * per_step + micro * config.batch, config.batch)
             y, mask = ds.batch(idx)
-            inputs = loss_fn.draw(y, mask, idx, g, config.xflip)  # Ã, flips, t, noise
+            inputs = loss_fn.draw(y, mask, idx, g, config.xflip, augment_batch)  # Ã, flips, t, noise
             loss = loss_fn.per_image(net, inputs.to(device)).mean()
             (loss / config.grad_accum).backward()
             total += float(loss.detach()) / config.grad_accum

@@ -23,7 +23,7 @@ import torch
 
 from ambient import distributed as dist_utils
 from ambient.data.corruption import Corruption
-from ambient.data.datasets import ImageDataset, check_masks, load_dataset, resolve_mask_full_rgb
+from ambient.data.datasets import ImageDataset, augment_batch, check_masks, load_dataset, resolve_mask_full_rgb
 from ambient.errors import AmbientInputError, TrainingDiverged
 from ambient.folders import TRAIN_RUN, TRAIN_SNAPSHOT, check_readable_as, claim_outdir, stamped
 from ambient.io import atomic_write_json
@@ -41,7 +41,7 @@ from ambient.learners.runlog import OutdirLock, RunLogger, check_writable, write
 from ambient.learners.train_config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.nets.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
-from ambient.objectives.losses import training_loss
+from ambient.objectives.losses import sees_masks, training_loss
 from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
@@ -59,13 +59,13 @@ class TrainState:
 
 def model_config_for(cfg: TrainConfig, data: ImageDataset) -> ModelConfig:
     return ModelConfig(arch=cfg.arch, img_channels=data.channels, resolution=data.resolution,
-                       mask_channels=cfg.objective == "ambient", dropout=cfg.dropout,
+                       mask_channels=sees_masks(cfg.objective), dropout=cfg.dropout,
                        mask_aware=cfg.mask_aware, label_dim=label_dim_for(cfg.cond, data, cfg.data),
                        songunet=json.loads(cfg.arch_kwargs) if cfg.arch_kwargs else None)
 
 
 def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
-    if cfg.objective == "naive":  # a plain EDM network: no masks at sampling time
+    if not sees_masks(cfg.objective):  # a plain EDM network: no masks at sampling time
         return SamplingSpec(Corruption())
     data_survival = data.observed_share if data.has_data_masks else None
     return SamplingSpec(cfg.corruption, data_survival)
@@ -104,7 +104,7 @@ def _load_data_with_law(cfg: TrainConfig, source: Path | None) -> tuple[TrainCon
     hint = cfg.mask_full_rgb if cfg.mask_full_rgb is not None else saved  # draws A when the data has no masks
     drawn = replace(cfg, mask_full_rgb=bool(hint))
     data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
-                        corruption=drawn.corruption if cfg.objective == "ambient" else _naive_corruption(drawn),
+                        corruption=drawn.corruption if sees_masks(cfg.objective) else _naive_corruption(drawn),
                         seed=cfg.seed)
     full_rgb, why = resolve_mask_full_rgb(cfg.mask_full_rgb, data, saved)
     return replace(cfg, mask_full_rgb=full_rgb), data, why
@@ -270,7 +270,7 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
         labels = batch_labels(data, idx, model_cfg.label_dim, device)
         g = torch.Generator(device).manual_seed(mix_seed(STEP_STREAM, cfg.seed, state.step))
         y, mask = y.to(device), mask.to(device)
-        inputs = loss_fn.draw(y, mask, idx, g, cfg.augment)  # flips, Ã, σ, noise of the global batch
+        inputs = loss_fn.draw(y, mask, idx, g, cfg.augment, augment_batch)  # flips, Ã, σ, noise of the global batch
         den = model if labels is None else functools.partial(model, class_labels=labels[mine])
         loss = _backward(den, loss_fn, inputs[mine], opt, autocast, per_rank, device,
                          mix_seed(STEP_STREAM, cfg.seed, state.step, env.rank))
@@ -330,6 +330,6 @@ def dry_run(cfg: TrainConfig) -> str:
 
 def unlearnt_hole(cfg: TrainConfig, data) -> str | None:
     """:meth:`Corruption.unlearnt_hole` for an ambient run whose masks are drawn (None otherwise)."""
-    if cfg.objective != "ambient" or data.has_data_masks or cfg.corruption_probability == 0:
+    if not sees_masks(cfg.objective) or data.has_data_masks or cfg.corruption_probability == 0:
         return None
     return cfg.corruption.unlearnt_hole(*data.shape[1:])

@@ -38,10 +38,9 @@ from collections.abc import Callable
 import torch
 
 from ambient.data.corruption import Corruption
-from ambient.data.datasets import augment_batch
 from ambient.nets.finetuned import HIDDEN_X0, x0_from_output
 from ambient.nets.schedules import DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod, sigma_from_alpha_bar
-from ambient.objectives.losses import LossInputs, check_loss_inputs
+from ambient.objectives.losses import Flip, LossInputs, check_loss_inputs
 
 # The σ ↔ ᾱ helpers are defined in ambient.nets.schedules; importable from here as before.
 __all__ = ["HIDDEN_X0", "WEIGHTINGS", "FinetuneLoss", "alpha_bar_from_sigma", "alphas_cumprod",
@@ -115,11 +114,14 @@ class FinetuneLoss:
         return self.weight(timesteps).to(y.device, y.dtype) * per_image
 
     def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
-             augment: float = 0.0) -> LossInputs:
-        """One micro-batch's randomness, in this order: Ã, flips (drawn even when ``augment`` is 0),
-        timesteps t, noise; all from ``generator``, on its device."""
+             augment: float = 0.0, flip: Flip | None = None) -> LossInputs:
+        """One micro-batch's randomness, in this order: Ã, flips (by ``flip``, the data layer's
+        :func:`ambient.data.datasets.augment_batch`; drawn even when ``augment`` is 0), timesteps t, noise;
+        all from ``generator``, on its device."""
+        if flip is None:
+            raise ValueError("FinetuneLoss.draw needs flip (ambient.data.datasets.augment_batch)")
         mask_hat = self.further.further(mask, generator=generator)
-        y, mask, mask_hat = augment_batch(y, mask, augment, generator=generator, extra=mask_hat)
+        y, mask, mask_hat = flip(y, mask, augment, generator=generator, extra=mask_hat)
         timesteps = torch.randint(0, self.num_timesteps, (y.shape[0],), generator=generator, device=generator.device)
         noise = torch.randn(y.shape, generator=generator, device=generator.device)
         return LossInputs(y, mask, mask_hat, timesteps, noise)

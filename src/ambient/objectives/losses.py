@@ -30,8 +30,9 @@ gradient scale does not shrink as p grows); ``sum`` is the paper's plain sum. Wi
 of Table 1); with ``mean`` it is that divided by the pixel count.
 
 Training objectives are loss objects chosen once (:func:`training_loss`), as in EDM: a training
-loop calls ``inputs = loss.draw(y, mask, indices, generator, augment)`` on the global batch (the
-step's flips, further masks Ã, σ and noise, always in the same order) and
+loop calls ``inputs = loss.draw(y, mask, indices, generator, augment, flip)`` on the global batch (the
+step's flips, further masks Ã, σ and noise, always in the same order; ``flip`` is the data layer's
+:func:`ambient.data.datasets.augment_batch`, passed in) and
 ``loss.per_image(net, inputs[part])`` on its share, and never asks which objective it runs.
 :class:`AmbientLoss` grades on A with a network that sees Ã; :class:`EDMLoss` is plain EDM on the
 images as if they were clean (the naive baseline on A ⊙ x0; the clean baseline when p = 0).
@@ -46,7 +47,6 @@ from dataclasses import dataclass
 import torch
 
 from ambient.data.corruption import Corruption, check_mask
-from ambient.data.datasets import augment_batch
 
 NORMALIZATIONS = ("mean", "sum")
 WEIGHTINGS = ("edm", "pixel", "tilted")
@@ -63,6 +63,17 @@ def check_loss_inputs(y: torch.Tensor, mask: torch.Tensor, mask_hat: torch.Tenso
     check_mask(mask_hat, y, "mask_hat")
     if bool((mask_hat > mask).any()):
         raise ValueError("mask_hat must be a subset of mask (Ã ⊆ A)")
+
+
+# The data layer's flip (ambient.data.datasets.augment_batch): (images, masks, prob, generator, extra=…)
+# → (images, masks, extra), each image flipped left-right with probability prob, its masks with it.
+Flip = Callable[..., tuple]
+
+
+def _needs(flip: Flip | None) -> Flip:
+    if flip is None:
+        raise ValueError("augment > 0 needs flip (ambient.data.datasets.augment_batch)")
+    return flip
 
 
 @dataclass
@@ -184,14 +195,14 @@ class AmbientLoss:
         return per_image if pixel else self.weight(sigma) * per_image
 
     def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
-             augment: float = 0.0) -> LossInputs:
-        """The step's randomness for a (global) batch, in this order: flips (if ``augment`` > 0; the
-        fixed Ã flips with its image), Ã (unless fixed), σ, noise; all from ``generator``."""
+             augment: float = 0.0, flip: Flip | None = None) -> LossInputs:
+        """The step's randomness for a (global) batch, in this order: flips (if ``augment`` > 0, by
+        ``flip``; the fixed Ã flips with its image), Ã (unless fixed), σ, noise; all from ``generator``."""
         mask_hat = None
         if self.fixed_further:
             mask_hat = self.further.further_for_indices(self.seed, indices.tolist(), mask)
         if augment > 0:
-            y, mask, mask_hat = augment_batch(y, mask, augment, generator, extra=mask_hat)
+            y, mask, mask_hat = _needs(flip)(y, mask, augment, generator, extra=mask_hat)
         if mask_hat is None:
             mask_hat = self.further.further(mask, generator)
         sigma = self.sample_sigma(y.shape[0], generator, y.device)
@@ -224,10 +235,10 @@ class EDMLoss(AmbientLoss):
         return super().__call__(denoiser, y, ones, ones, generator, sigma=sigma, noise=noise)
 
     def draw(self, y: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
-             augment: float = 0.0) -> LossInputs:
-        """Flips (if ``augment`` > 0), σ, noise; A and Ã are all ones."""
+             augment: float = 0.0, flip: Flip | None = None) -> LossInputs:
+        """Flips (if ``augment`` > 0, by ``flip``), σ, noise; A and Ã are all ones."""
         if augment > 0:
-            y, mask, _ = augment_batch(y, mask, augment, generator)
+            y, mask, _ = _needs(flip)(y, mask, augment, generator)
         ones = torch.ones_like(mask)
         sigma = self.sample_sigma(y.shape[0], generator, y.device)
         noise = torch.randn(y.shape, generator=generator, device=y.device)
@@ -237,11 +248,19 @@ class EDMLoss(AmbientLoss):
 OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
 
 
+def sees_masks(objective: str) -> bool:
+    """Whether the objective's network takes masks (mask channels, a sampler with fixed masks, A drawn
+    at the training run's p) — True for ``ambient``; ``naive`` trains and samples a plain EDM network."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return OBJECTIVES[objective].mask_input
+
+
 def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
                   further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
                   weighting: str = "edm") -> AmbientLoss:
-    """The loss object of a training objective (``ambient`` or ``naive``); the only place that
-    looks at the objective's name."""
+    """The loss object of a training objective (``ambient`` or ``naive``). This and :func:`sees_masks` are
+    the only places that look at the objective's name."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
