@@ -17,7 +17,7 @@ from ambient.nets.finetuned import x0_from_output
 from ambient.nets.pretrained import MaskedUNet, add_mask_channels, load_pretrained
 from ambient.nets.schedules import alphas_cumprod, sigma_from_alpha_bar
 from ambient.objectives.ddpm import FinetuneLoss
-from ambient.store.finetuned import load_finetuned
+from ambient.store.finetune_export import load_finetuned
 
 
 def gen(seed):

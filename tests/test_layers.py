@@ -104,3 +104,19 @@ def test_the_layer_test_sees_a_violation(tmp_path):
     (target, line, at_top), = imports_of(bad)
     assert (target, line, at_top) == ("ambient.learners.train", 2, False)
     assert layer_of(target) > layer_of("ambient.data.readers")
+
+
+def test_readme_layout_lists_every_module():
+    """README's Layout table names every package and, in its row, every module of it (cli: one per command)."""
+    readme = (SRC.parents[1] / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2] for line in layout.splitlines()
+            if line.startswith("| `ambient")}
+    for name in MODULES:
+        if name in ("ambient", "ambient.__main__") or name.startswith("ambient.cli"):
+            continue
+        package, _, leaf = name.rpartition(".")
+        if name in rows:  # a package itself
+            continue
+        assert package in rows, f"README's Layout has no row for {package}"
+        assert f"`{leaf}`" in rows[package], f"README's Layout row {package} does not name {leaf}"

@@ -58,7 +58,7 @@ def finetune_command(dry_run: bool, **options) -> None:
 
     The result in --outdir is a diffusers folder (unet/, scheduler/) plus config.json with
     "kind": "finetune", which `ambient sample --model OUTDIR` and
-    ambient.store.finetuned.load_finetuned read.
+    ambient.store.finetune_export.load_finetuned read.
     """
     from ambient.learners.finetune import finetune
     from ambient.learners.finetune_config import FinetuneConfig

@@ -4,7 +4,7 @@ Layout of ``outdir``: ``snapshot-<step>/`` (:mod:`ambient.store.snapshots`: UNet
 optimizer, the UNet/scheduler configs and the fixed embedding, so a resume needs no access to
 the pretrained model), ``stats.jsonl`` (one line per ``log_every`` steps),
 ``finetune_options.json`` (the resolved options), and at the end the exported diffusers folder
-(:func:`ambient.store.finetuned.export_finetuned`: ``unet/``, ``scheduler/``, ``config.json``).
+(:func:`ambient.store.finetune_export.export_finetuned`: ``unet/``, ``scheduler/``, ``config.json``).
 
 Randomness is a pure function of (seed, step): image order is a permutation per epoch seeded
 by (seed, epoch), and the further masks, timesteps, noise and flips of micro-batch m of step s
@@ -44,7 +44,7 @@ from ambient.nets.pretrained import MaskedUNet, add_mask_channels, image_channel
 from ambient.nets.schedules import alphas_cumprod
 from ambient.objectives.ddpm import FinetuneLoss
 from ambient.rng import STEP_STREAM, mix_seed
-from ambient.store.finetuned import export_finetuned
+from ambient.store.finetune_export import export_finetuned
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
 

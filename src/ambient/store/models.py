@@ -92,7 +92,7 @@ def _is_finetune_export(p: Path) -> bool:
 
 
 def _load_finetuned(p: Path, device) -> LoadedModel:
-    from ambient.store.finetuned import load_finetuned
+    from ambient.store.finetune_export import load_finetuned
 
     den = load_finetuned(p, device=device)
     cfg = __import__("json").loads((p / "config.json").read_text())
