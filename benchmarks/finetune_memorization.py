@@ -55,7 +55,7 @@ from ambient.nets.finetuned import FinetunedDenoiser
 from ambient.nets.pretrained import MaskedUNet, load_pretrained
 from ambient.nets.schedules import alphas_cumprod
 from ambient.sampling.fixed_mask import sample_in_batches
-from ambient.store.finetuned import load_finetuned
+from ambient.store.finetune_export import load_finetuned
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
