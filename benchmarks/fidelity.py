@@ -10,14 +10,14 @@ whose covariance and mean are scored against Σ and μ:
 * ``cov err``: ‖Ŝ − Σ‖_F / ‖Σ‖_F, Ŝ the unbiased sample covariance of the N samples;
 * ``mean err``: RMS over pixels of (sample mean − μ), in units of the pixels' RMS standard deviation.
 
-Beside them, two floors computed exactly (:mod:`ambient.nets.gaussian`):
+Beside them, two floors computed exactly (:mod:`ambient.nets.oracle`):
 
 * ``sampler floor``: the paper's fixed-mask sampler run with the exact conditional-expectation denoiser
   E[x0 | M ⊙ x_σ, M] (the best any ambient model can reach with that sampler), its output covariance
-  computed in closed form per mask (:func:`ambient.nets.gaussian.fixed_mask_sampler_moments`) and mixed
+  computed in closed form per mask (:func:`ambient.nets.oracle.fixed_mask_sampler_moments`) and mixed
   over the sampler's masks;
 * ``noise floor``: the error N exact samples make from their own estimation noise
-  (:func:`ambient.nets.gaussian.sampling_noise_floor`); ``sampler @N`` = √(sampler² + noise²) is what the
+  (:func:`ambient.nets.oracle.sampling_noise_floor`); ``sampler @N`` = √(sampler² + noise²) is what the
   exact ambient model would score with N samples.
 
 Rows: clean (plain EDM on the clean images), naive (plain EDM on the masked images as if clean),
@@ -50,7 +50,7 @@ from ambient.data.corruption import Corruption, sampling_masks
 from ambient.learners.em import EMConfig, run_em
 from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
-from ambient.nets.gaussian import (
+from ambient.nets.oracle import (
     GaussianDenoiser,
     fixed_mask_sampler_moments,
     relative_covariance_error,

@@ -51,7 +51,7 @@ from ambient.metrics.fid import compute_kid, fid_from_features
 from ambient.metrics.inception import load_inception
 from ambient.metrics.neighbors import leave_one_out_max_similarity, nearest_neighbors, pixel_features
 from ambient.metrics.plots import pairs_panel, similarity_histogram
-from ambient.nets.finetuned import FinetunedDenoiser
+from ambient.nets.ddpm_denoiser import FinetunedDenoiser
 from ambient.nets.pretrained import MaskedUNet, load_pretrained
 from ambient.nets.schedules import alphas_cumprod
 from ambient.sampling.fixed_mask import sample_in_batches

@@ -1,11 +1,11 @@
-"""ambient.nets.gaussian: the exact fixed-mask sampler moments and the sampling-noise floor, against Monte Carlo
+"""ambient.nets.oracle: the exact fixed-mask sampler moments and the sampling-noise floor, against Monte Carlo
 runs of the real sampler."""
 
 import pytest
 import torch
 
 from ambient.data.corruption import Corruption, sampling_masks
-from ambient.nets.gaussian import (
+from ambient.nets.oracle import (
     GaussianDenoiser,
     fixed_mask_sampler_moments,
     relative_covariance_error,

@@ -13,10 +13,10 @@ from ambient.data.corruption import Corruption
 from ambient.errors import AmbientInputError
 from ambient.learners.finetune import build_model, finetune
 from ambient.learners.finetune_config import FinetuneConfig
-from ambient.nets.finetuned import x0_from_output
+from ambient.nets.ddpm_denoiser import x0_from_output
 from ambient.nets.pretrained import MaskedUNet, add_mask_channels, load_pretrained
 from ambient.nets.schedules import alphas_cumprod, sigma_from_alpha_bar
-from ambient.objectives.ddpm import FinetuneLoss
+from ambient.objectives.ddpm_loss import FinetuneLoss
 from ambient.store.finetune_export import load_finetuned
 
 

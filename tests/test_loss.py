@@ -7,7 +7,7 @@ from ambient.data.corruption import Corruption
 from ambient.data.datasets import augment_batch
 from ambient.nets.backbones import build_backbone
 from ambient.nets.denoiser import Denoiser
-from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.nets.oracle import GaussianDenoiser, smooth_covariance
 from ambient.objectives.losses import AmbientLoss, EDMLoss
 from tests.conftest import MLPBackbone
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.nets.oracle import GaussianDenoiser, smooth_covariance
 from ambient.nets.schedules import edm_sigmas
 from ambient.operators.base import LinearOperator
 from ambient.operators.mask import MaskOperator

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ambient.data.corruption import Corruption, sampling_masks
-from ambient.nets.gaussian import GaussianDenoiser, smooth_covariance
+from ambient.nets.oracle import GaussianDenoiser, smooth_covariance
 from ambient.nets.schedules import edm_sigmas
 from ambient.rng import mix_seed
 from ambient.sampling.fixed_mask import ambient_sample, dynamic_threshold, sample_in_batches

@@ -110,7 +110,7 @@ def test_resume_rules(tmp_path):
 def test_finetuning_skips_non_finite_steps_and_names_a_changed_flag_on_resume(tmp_path, monkeypatch):
     from ambient.learners.finetune import finetune
     from ambient.learners.finetune_config import FinetuneConfig
-    from ambient.objectives.ddpm import FinetuneLoss
+    from ambient.objectives.ddpm_loss import FinetuneLoss
     from ambient.store.snapshots import latest_snapshot, load_snapshot
     from tests.test_finetune import save_npz, save_pipeline, tiny_unet
 

@@ -42,7 +42,7 @@ from ambient.learners.finetune_config import RESUMABLE_CHANGES, FinetuneConfig
 from ambient.learners.runlog import OutdirLock
 from ambient.nets.pretrained import MaskedUNet, add_mask_channels, image_channels, load_pretrained, unet_class
 from ambient.nets.schedules import alphas_cumprod
-from ambient.objectives.ddpm import FinetuneLoss
+from ambient.objectives.ddpm_loss import FinetuneLoss
 from ambient.rng import STEP_STREAM, mix_seed
 from ambient.store.finetune_export import export_finetuned
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from ambient.configbase import ConfigBase
 from ambient.data.corruption import PATTERNS, Corruption
-from ambient.nets.finetuned import HIDDEN_X0, TIMESTEP_MODES
+from ambient.nets.ddpm_denoiser import HIDDEN_X0, TIMESTEP_MODES
 from ambient.nets.pretrained import MASK_MODES
-from ambient.objectives.ddpm import WEIGHTINGS
+from ambient.objectives.ddpm_loss import WEIGHTINGS
 
 # Fields that may change when a run is resumed; every other field must match the saved run.
 RESUMABLE_CHANGES = frozenset({"outdir", "timestep_mode", "lr", "steps", "ema", "grad_clip", "xflip",

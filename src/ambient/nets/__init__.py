@@ -2,10 +2,10 @@
 
 Modules: ``denoiser`` (the denoiser protocol and EDM preconditioning), ``backbones`` (diffusers UNet
 presets), ``songunet`` and ``ddpmpp`` (the paper's network), ``conditional`` (class labels),
-``gaussian`` (the exact denoiser of a Gaussian and the fixed-mask sampler's exact moments),
-``schedules`` (EDM σ levels, DDPM timesteps), ``pretrained`` (diffusers pipelines, mask-channel
-surgery), ``finetuned`` (a finetuned DDPM UNet as a denoiser), ``registry`` (the architectures,
-``ModelConfig``, ``SamplingSpec``, ``build_denoiser``).
+``oracle`` (the exact denoiser of Gaussian data with known moments; the fixed-mask sampler's exact
+moments), ``schedules`` (EDM σ levels, DDPM timesteps), ``pretrained`` (diffusers pipelines, mask-channel
+surgery), ``ddpm_denoiser`` (a finetuned DDPM UNet as a denoiser in EDM's σ convention), ``registry``
+(the architectures, ``ModelConfig``, ``SamplingSpec``, ``build_denoiser``).
 """
 
 from ambient.nets.denoiser import Denoiser, MaskDenoiser

@@ -1,5 +1,5 @@
 """Training objectives: ``losses`` (the ambient loss and plain EDM's, as loss objects; the σ weightings)
-and ``ddpm`` (the ambient loss for finetuning DDPM-parameterised UNets)."""
+and ``ddpm_loss`` (the ambient loss for finetuning DDPM-parameterised UNets)."""
 
 from ambient.objectives.losses import AmbientLoss, EDMLoss
 

@@ -80,7 +80,7 @@ def _needs(flip: Flip | None) -> Flip:
 class LossInputs:
     """One training step's batch and randomness: images y, masks A and Ã, noise level and noise.
 
-    ``noise_level`` is σ (EDM losses) or the timestep t (DDPM losses, ambient.objectives.ddpm).
+    ``noise_level`` is σ (EDM losses) or the timestep t (DDPM losses, ambient.objectives.ddpm_loss).
     ``inputs[part]`` selects images (e.g. one process's share of the global batch).
     """
 

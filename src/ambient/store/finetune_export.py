@@ -34,7 +34,7 @@ from ambient.data.corruption import Corruption
 from ambient.errors import AmbientInputError
 from ambient.folders import FINETUNE_RUN, stamped
 from ambient.io import atomic_write_json
-from ambient.nets.finetuned import FinetunedDenoiser
+from ambient.nets.ddpm_denoiser import FinetunedDenoiser
 from ambient.nets.pretrained import EMBEDDING_FILE, MaskedUNet, load_embedding, unet_class
 from ambient.nets.schedules import alphas_cumprod
 from ambient.store.statedict import check_finite

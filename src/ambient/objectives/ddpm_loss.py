@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from ambient.data.corruption import Corruption
-from ambient.nets.finetuned import HIDDEN_X0, x0_from_output
+from ambient.nets.ddpm_denoiser import HIDDEN_X0, x0_from_output
 from ambient.nets.schedules import DDPMSchedule, alpha_bar_from_sigma, alphas_cumprod, sigma_from_alpha_bar
 from ambient.objectives.losses import Flip, LossInputs, check_loss_inputs
 
