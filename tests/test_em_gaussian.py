@@ -43,9 +43,9 @@ def test_fit_recovers_mean_and_covariance(noise):
     tol_mean = 5 * math.sqrt(scale / (n * keep))
     assert (prior.mean - truth.mean).abs().max() < tol_mean
     assert (prior.covariance() - cov).abs().max() < tol_cov
-    # a wrong answer is caught: the initial guess is far from the truth at this tolerance
-    start = initial_prior(y, mask, 2)
-    assert (start.covariance() - cov).abs().max() > tol_cov
+    # a wrong answer is caught at this tolerance: loadings 30 % too large
+    wrong = GaussianPrior(truth.mean, 1.3 * truth.loading, truth.noise, truth.shape)
+    assert (wrong.covariance() - cov).abs().max() > tol_cov
     if noise == "isotropic":
         assert torch.allclose(prior.noise, prior.noise[:1].expand_as(prior.noise))
         assert abs(float(prior.noise[0]) - 0.05) < 0.01
@@ -130,3 +130,32 @@ def test_parameter_expansion_converges_faster_when_most_pixels_are_missing():
     _, px = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=True)
     _, plain = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=False)
     assert px[0] == plain[0] and px[-1] > plain[-1]
+
+
+def test_initial_prior_is_the_pairwise_complete_covariance():
+    """The start estimates every covariance entry from the images observing both pixels: at 80 % missing it is
+    already close to the truth, where filling with the mean and dividing by share² inflated the diagonal 1/share."""
+    n, keep = 20000, 0.2
+    truth, y, mask = _low_rank_data(n=n, shape=(1, 3, 3), rank=2, keep=keep, seed=7)
+    cov = truth.covariance()
+    start = initial_prior(y, mask, 9)  # full rank: the start is the (PSD) pairwise covariance itself
+    scale = float(cov.diagonal().max())
+    tol = 5 * scale * math.sqrt(2 / (n * keep**2))
+    assert (start.covariance() - cov).abs().max() < tol
+    assert (start.mean - truth.mean).abs().max() < 5 * math.sqrt(scale / (n * keep))
+    assert (cov.diagonal() / keep - cov.diagonal()).abs().max() > tol  # the old start's diagonal is caught
+    low = initial_prior(y, mask, 2)  # rank 2 + isotropic ψ: probabilistic PCA of that covariance
+    assert (low.covariance() - cov).abs().max() < 2 * tol + float(truth.noise[0])
+
+
+def test_fit_stops_at_the_stated_tolerance():
+    _, y, mask = _low_rank_data(n=2000, shape=(1, 4, 4), rank=3, keep=0.3, seed=8)
+    prior, history = fit_gaussian(y, mask, rank=3, iters=500, tol=1e-4)
+    gains = np.diff(history)
+    assert len(history) < 501  # stopped before the cap
+    assert gains[-2] < 1e-4 <= gains[:-2].min()  # the iteration that gained < tol was the last one run
+    full, _ = fit_gaussian(y, mask, rank=3, iters=len(history) - 1)
+    assert torch.equal(full.covariance(), prior.covariance())  # same iterations, same answer
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tol"):
+            fit_gaussian(y, mask, rank=3, iters=5, tol=bad)

@@ -28,7 +28,10 @@ EM_OPTIONS = [
                    "--no-pool: each M-step trains on its lap's --estep-size completions only."),
     ("rank", int, "Rank r of the lap-0 Gaussian's covariance (diagonal or isotropic + rank r)."),
     ("gaussian_noise", str, "The Gaussian's noise: diagonal (one ψ per pixel) or isotropic (probabilistic PCA)."),
-    ("gaussian_iters", int, "Closed-form EM iterations of the Gaussian fit."),
+    ("gaussian_iters", int, "Most closed-form EM iterations of the Gaussian fit (it stops earlier at "
+                            "--gaussian-tol)."),
+    ("gaussian_tol", float, "Stop the Gaussian fit when an iteration raises the mean log-likelihood per "
+                            "observation by less than this (nats)."),
     ("gaussian_size", int, "Observations the Gaussian is fitted on (a seeded subset)."),
     ("steps", int, "E-step sampler steps (EDM schedule)."),
     ("cg_iters", int, "MMPS conjugate-gradient iterations per denoiser call."),

@@ -52,7 +52,8 @@ from ambient.store.upgrades import em_section
 
 LAP0 = ("mean", "sample")
 # Fields that may change when a run is resumed; every other field must match the saved run.
-RESUMABLE_CHANGES = frozenset({"laps", "device", "outdir"})
+# gaussian_iters/gaussian_tol act once, when lap 0 fits the Gaussian (then saved as gaussian.npz)
+RESUMABLE_CHANGES = frozenset({"laps", "device", "outdir", "gaussian_iters", "gaussian_tol"})
 
 
 @dataclass
@@ -72,7 +73,8 @@ class EMConfig(ConfigBase, what="em"):
     pool: bool = True  # M-steps train on completions of every observation, estep_size of them redrawn per lap
     rank: int = 64
     gaussian_noise: str = "diagonal"
-    gaussian_iters: int = 16
+    gaussian_iters: int = 100  # at most; the fit stops earlier at gaussian_tol
+    gaussian_tol: float | None = 2e-3  # stop when an iteration gains less (nats per observation); None: all iters
     gaussian_size: int | None = 10000  # observations the Gaussian is fitted on (None: all)
     steps: int = 18
     cg_iters: int = 1
@@ -103,6 +105,9 @@ class EMConfig(ConfigBase, what="em"):
                 self.fail(name, f"must be an integer >= 1, got {v!r}")
         if not is_int(self.gaussian_iters, 0):
             self.fail("gaussian_iters", f"must be an integer >= 0, got {self.gaussian_iters!r}")
+        tol = self.gaussian_tol
+        if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+            self.fail("gaussian_tol", f"must be positive, got {tol!r}")
         for name in ("lap_kimg", "lr", "snapshot_kimg"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -284,8 +289,13 @@ class EMRun:
             return GaussianPrior.from_arrays(z), [float(v) for v in z["loglik"]]
         fit = subset(len(self.data), cfg.gaussian_size, EM_GFIT_STREAM, cfg.seed)
         prior, history = fit_gaussian(self.y[fit], self.mask[fit], cfg.rank,
-                                      cfg.gaussian_iters, noise=cfg.gaussian_noise,
-                                      callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.2f}"))
+                                      cfg.gaussian_iters, noise=cfg.gaussian_noise, tol=cfg.gaussian_tol,
+                                      callback=lambda i, ll: self.log(f"gaussian EM {i}: loglik/image {ll:.4f}"))
+        runs, gain = len(history) - 1, (history[-1] - history[-2] if len(history) > 1 else float("nan"))
+        why = (f"the last gained {gain:.2e} < --gaussian-tol {cfg.gaussian_tol:g}"
+               if cfg.gaussian_tol is not None and runs < cfg.gaussian_iters else
+               f"the cap --gaussian-iters {cfg.gaussian_iters} (last gain {gain:.2e} per observation)")
+        self.log(f"gaussian fit: {runs} EM iterations, stopped by {why}; loglik/observation {history[-1]:.4f}")
         atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
         return prior, history
 
