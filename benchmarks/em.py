@@ -7,8 +7,8 @@ images in total (laps × lap kimg = the baselines' kimg), with the same backbone
 
 Per lap ℓ: its model's samples (seeds 0..N−1, Heun 18 steps, plain full-image sampling) scored like
 validate's (FID, KID, SWD against the first --num-ref clean test images); the KID of the lap's completions
-(the images its M-step trained on; lap 0: the Gaussian prior's posterior mean, or with --lap0 sample its exact
-posterior draws) and their PSNR on the
+(the images its M-step trained on; lap 0: the Gaussian prior's exact posterior draws, or with --lap0 mean its
+posterior mean) and their PSNR on the
 hidden pixels against the clean training images; E-step and M-step wall times.
 
     python benchmarks/em.py --quick --threads 1   # pipeline check, 1.5 kimg, 2 laps, N = 64: 6.5 min
@@ -73,8 +73,9 @@ def parse_args(argv=None):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     for flag in ("--kimg", "--num-samples", "--num-ref"):  # passed on to validate's settings (default: its mode's)
         ap.add_argument(flag, default=None)
-    ap.add_argument("--lap0", choices=("mean", "sample"), default="mean",
-                    help="lap 0's completions: posterior mean (default) or exact Gaussian posterior draws")
+    ap.add_argument("--lap0", choices=("sample", "mean"), default="sample",
+                    help="lap 0's completions: exact Gaussian posterior draws (ambient em's default since "
+                         "2026-12-04; runs named em-p*-draws) or the posterior mean (em-p*-mean; before, em-p*)")
     ap.add_argument("--cg-iters", type=int, default=1)
     ap.add_argument("--sigma-y", type=float, default=1e-3)
     args = ap.parse_args(argv)
@@ -95,7 +96,7 @@ def parse_args(argv=None):
 def em_config(args, init: str | None = None) -> EMConfig:
     v = args.val
     lap_kimg = v.kimg / args.laps
-    name = f"em-p{P:g}" + ("-init" if init else "") + ("-sample" if args.lap0 == "sample" else "")
+    name = f"em-p{P:g}" + ("-init" if init else "") + ("-mean" if args.lap0 == "mean" else "-draws")
     return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), corruption_probability=P, init=init,
                     laps=args.laps, lap_kimg=lap_kimg, estep_size=args.estep_size, rank=args.rank,
                     gaussian_iters=args.gaussian_iters, gaussian_size=args.gaussian_size, steps=args.steps,

@@ -217,7 +217,7 @@ def test_without_the_pool_each_m_step_trains_on_its_own_completions(em_run, tmp_
     assert cfg["train"]["data"].endswith("lap-00.npz") and cfg["data"]["num_images"] == 12
 
 
-def test_lap0_completions_are_the_gaussian_posterior_mean_or_its_exact_draws(em_run, tmp_path, capsys):
+def test_lap0_completions_are_the_gaussian_posterior_draws_or_its_mean(em_run, tmp_path, capsys):
     from ambient.data.images import to_hwc
     from ambient.learners.gaussian_prior import GaussianPrior
     from ambient.rng import EM_DRAW_STREAM, mix_seed
@@ -228,28 +228,31 @@ def test_lap0_completions_are_the_gaussian_posterior_mean_or_its_exact_draws(em_
     y, mask = (t.double() for t in load_dataset(str(obs)).batch(torch.arange(24)))
     with np.load(root / "run" / "gaussian.npz") as z:
         prior = GaussianPrior.from_arrays(z)
-    with np.load(root / "run" / "completions" / "lap-00.npz") as z:  # the default: the posterior mean
-        mean_done, index = z["images"], z["index"]
+    with np.load(root / "run" / "completions" / "lap-00.npz") as z:  # the default: exact posterior draws
+        drawn, index = z["images"], z["index"]
     assert np.array_equal(index, np.arange(24))
-    expect = to_hwc((mask * y + (1 - mask) * prior.posterior_mean(y, mask)).float())
-    assert np.abs(mean_done.astype(int) - expect.astype(int)).max() <= 1  # float rounding at the uint8 step
+    seeds = [mix_seed(EM_DRAW_STREAM, 0, 0, i) for i in range(24)]
+    expect = to_hwc((mask * y + (1 - mask) * prior.sample_posterior(y, mask, seeds)).float())
+    assert np.abs(drawn.astype(int) - expect.astype(int)).max() <= 1  # float rounding at the uint8 step
     args = list(TINY)
     args[args.index("--laps") + 1] = "1"
-    code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "run"), *args, "--lap0", "sample"],
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "run"), *args, "--lap0", "mean"],
                        capsys)
     assert code == 0, err
     with np.load(tmp_path / "run" / "completions" / "lap-00.npz") as z:
-        drawn = z["images"]
-    seeds = [mix_seed(EM_DRAW_STREAM, 0, 0, i) for i in range(24)]
-    expect = to_hwc((mask * y + (1 - mask) * prior.sample_posterior(y, mask, seeds)).float())
-    assert np.abs(drawn.astype(int) - expect.astype(int)).max() <= 1
+        mean_done = z["images"]
+    expect = to_hwc((mask * y + (1 - mask) * prior.posterior_mean(y, mask)).float())
+    assert np.abs(mean_done.astype(int) - expect.astype(int)).max() <= 1
     hidden = ~mask[:, 0].bool().numpy()
     # draws scatter around the mean: same mean over many pixels, more spread
     gap = drawn[..., 0][hidden].astype(float) - mean_done[..., 0][hidden].astype(float)
     assert abs(gap.mean()) < 0.2 * gap.std() and gap.std() > 1
-    # an old run folder (no lap0 recorded) drew samples: resuming it with the new default is refused
+    # lap0 acts once: a run whose lap 0 is done resumes with either value, its completions unchanged
     saved = json.loads((tmp_path / "run" / "em_config.json").read_text())
-    del saved["em"]["lap0"]
+    del saved["em"]["lap0"]  # an old folder (no lap0 recorded)
     (tmp_path / "run" / "em_config.json").write_text(json.dumps(saved))
+    args[args.index("--laps") + 1] = "2"
     code, _, err = run(["em", "--data", str(obs), "--outdir", str(tmp_path / "run"), *args], capsys)
-    assert code == 2 and "--lap0" in err and "'sample'" in err
+    assert code == 0, err
+    with np.load(tmp_path / "run" / "completions" / "lap-00.npz") as z:
+        assert np.array_equal(z["images"], mean_done)

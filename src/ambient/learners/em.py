@@ -1,8 +1,8 @@
 """The EM learner (``ambient em``): a full-image diffusion model learnt from masked observations.
 
 Lap 0 fits a Gaussian prior to the observations by closed-form missing-data EM
-(:mod:`ambient.learners.gaussian_prior`) and completes them with its posterior mean (``lap0="mean"``, the
-default) or with exact draws of its posterior (``lap0="sample"``, as DiEM does); lap ℓ ≥ 1
+(:mod:`ambient.learners.gaussian_prior`) and completes them with exact draws of its posterior (``lap0="sample"``,
+the default since issue 24, as DiEM does) or with its posterior mean (``lap0="mean"``); lap ℓ ≥ 1
 completes them with posterior samples (MMPS, :mod:`ambient.sampling.posterior`) of the model of lap ℓ − 1
 (E-step). Every lap then trains an ordinary full-image EDM model on its completions (M-step:
 ``objective="naive"``, no masks), warm-started from the previous lap's EMA weights with a fresh
@@ -53,7 +53,8 @@ from ambient.store.upgrades import em_section
 LAP0 = ("mean", "sample")
 # Fields that may change when a run is resumed; every other field must match the saved run.
 # gaussian_iters/gaussian_tol act once, when lap 0 fits the Gaussian (then saved as gaussian.npz)
-RESUMABLE_CHANGES = frozenset({"laps", "device", "outdir", "gaussian_iters", "gaussian_tol"})
+# and lap0 once, when lap 0 completes the observations (runs made with the default of before keep theirs)
+RESUMABLE_CHANGES = frozenset({"laps", "device", "outdir", "gaussian_iters", "gaussian_tol", "lap0"})
 
 
 @dataclass
@@ -91,7 +92,7 @@ class EMConfig(ConfigBase, what="em"):
     seed: int = 0
     device: str = "auto"
     init: str | None = None  # an ambient (mask-input) model: lap 0 starts from its posterior mean (see lap0)
-    lap0: str = "mean"  # lap 0's completions: the posterior "mean", or exact posterior draws ("sample")
+    lap0: str = "sample"  # lap 0's completions: exact posterior draws ("sample"), or the posterior "mean"
 
     def validate(self) -> EMConfig:
         """Raise AmbientInputError naming the flag of the first bad value."""
