@@ -256,3 +256,44 @@ def test_lap0_completions_are_the_gaussian_posterior_draws_or_its_mean(em_run, t
     assert code == 0, err
     with np.load(tmp_path / "run" / "completions" / "lap-00.npz") as z:
         assert np.array_equal(z["images"], mean_done)
+
+
+def test_rotating_redraws_cover_every_observation_before_any_repeats():
+    from ambient.learners.em import rotating_subset
+
+    n, size = 10, 4
+    laps = [rotating_subset(n, size, lap, 7, 0) for lap in range(1, 6)]
+    assert all(len(x) == size and torch.equal(x, x.sort().values) for x in laps)
+    assert len(set(torch.cat(laps[:2]).tolist())) == 8  # laps 1-2: no observation twice
+    assert set(torch.cat(laps[:3]).tolist()) == set(range(n))  # by lap ceil(10/4) = 3 every one was redrawn
+    assert torch.equal(rotating_subset(n, None, 3, 7, 0), torch.arange(n))
+    assert torch.equal(laps[0], rotating_subset(n, size, 1, 7, 0))  # a pure function of its arguments
+    assert not torch.equal(laps[0], rotating_subset(n, size, 1, 8, 0))
+
+
+def test_pool_ages_are_recorded_and_bounded_by_the_rotation(em_run, tmp_path, capsys):
+    root, obs = em_run
+    rows = [json.loads(line) for line in (root / "run" / "stats.jsonl").read_text().splitlines()]
+    assert "pool_age_max" not in rows[0] or rows[0]["pool_age_max"] == 0
+    # 24 observations, 12 redrawn per lap: after lap 1 half are 1 lap old (lap 0's), half fresh
+    assert rows[1]["pool_age_counts"] == {"0": 12, "1": 12} and rows[1]["pool_age_max"] == 1
+    cfg = json.loads((root / "run" / "em_config.json").read_text())["em"]
+    assert cfg["redraw"] == "rotate"
+    # an old run (no redraw recorded) keeps redrawing a fresh random subset when resumed without the flag
+    args = list(TINY)
+    args[args.index("--laps") + 1] = "1"
+    out = tmp_path / "old"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *args], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "em_config.json").read_text())
+    del saved["em"]["redraw"]
+    (out / "em_config.json").write_text(json.dumps(saved))
+    args[args.index("--laps") + 1] = "2"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *args], capsys)
+    assert code == 0, err
+    assert json.loads((out / "em_config.json").read_text())["em"]["redraw"] == "random"
+    from ambient.learners.em import subset
+    from ambient.rng import EM_SUBSET_STREAM
+
+    with np.load(out / "completions" / "lap-01.npz") as z:
+        assert np.array_equal(z["index"], subset(24, 12, EM_SUBSET_STREAM, 0, 1).numpy())

@@ -21,10 +21,12 @@ def test_em_section():
     data = {"fingerprint": "f", "shape": [1, 8, 8]}
     assert em_section({}, data) == {}
     old = {"rank": 1000}
-    assert em_section(old, data) == {"rank": 64, "lap0": "sample", "gaussian_tol": None} and old == {"rank": 1000}
-    today = {"rank": 16, "lap0": "mean", "gaussian_tol": 2e-3}
+    assert em_section(old, data) == {"rank": 64, "lap0": "sample", "gaussian_tol": None, "redraw": "random"} \
+        and old == {"rank": 1000}
+    today = {"rank": 16, "lap0": "mean", "gaussian_tol": 2e-3, "redraw": "rotate"}
     assert em_section(today, data) == today
-    assert em_section({"rank": 1000, "lap0": "mean"}, {}) == {"rank": 1000, "lap0": "mean", "gaussian_tol": None}
+    assert em_section({"rank": 1000, "lap0": "mean"}, {}) == {"rank": 1000, "lap0": "mean", "gaussian_tol": None,
+                                                               "redraw": "random"}
 
 
 def test_sampling_section_and_notice():

@@ -26,6 +26,11 @@ EM_OPTIONS = [
     ("pool", bool, "M-steps train on completions of every observation: lap 0 completes all of them (Gaussian "
                    "draws are cheap), each later lap redraws --estep-size of them and keeps the others; "
                    "--no-pool: each M-step trains on its lap's --estep-size completions only."),
+    ("redraw", click.Choice(["rotate", "random"]), "Which observations each lap redraws: 'rotate' takes the next "
+                                                  "--estep-size of one seeded permutation (every completion at most "
+                                                  "ceil(N / --estep-size) laps old); 'random' a fresh subset per "
+                                                  "lap (some never redrawn). Default: rotate; a resumed run keeps "
+                                                  "its own (runs from before the option: random)."),
     ("rank", int, "Rank r of the lap-0 Gaussian's covariance (diagonal or isotropic + rank r)."),
     ("gaussian_noise", str, "The Gaussian's noise: diagonal (one ψ per pixel) or isotropic (probabilistic PCA)."),
     ("gaussian_iters", int, "Most closed-form EM iterations of the Gaussian fit (it stops earlier at "

@@ -51,6 +51,7 @@ from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 from ambient.store.upgrades import em_section
 
 LAP0 = ("mean", "sample")
+REDRAWS = ("rotate", "random")
 # Fields that may change when a run is resumed; every other field must match the saved run.
 # gaussian_iters/gaussian_tol act once, when lap 0 fits the Gaussian (then saved as gaussian.npz)
 # and lap0 once, when lap 0 completes the observations (runs made with the default of before keep theirs)
@@ -72,6 +73,10 @@ class EMConfig(ConfigBase, what="em"):
     lap_kimg: float = 10.0
     estep_size: int | None = None  # observations completed per lap (None: all)
     pool: bool = True  # M-steps train on completions of every observation, estep_size of them redrawn per lap
+    # which observations lap ℓ ≥ 1 redraws: "rotate" (blocks of one seeded permutation: each completion at most
+    # ceil(N / estep_size) laps old) or "random" (a fresh seeded subset per lap, as before issue 24);
+    # None: "rotate" for a new run, the run's own for a resumed one
+    redraw: str | None = None
     rank: int = 64
     gaussian_noise: str = "diagonal"
     gaussian_iters: int = 100  # at most; the fit stops earlier at gaussian_tol
@@ -123,6 +128,8 @@ class EMConfig(ConfigBase, what="em"):
                               ("solver", ("heun", "euler")), ("lap0", LAP0)):
             if getattr(self, name) not in allowed:
                 self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.redraw is not None and self.redraw not in REDRAWS:
+            self.fail("redraw", f"must be one of {', '.join(REDRAWS)}, got {self.redraw!r}")
         if not is_int(self.grid_samples, 0):
             self.fail("grid_samples", f"must be an integer >= 0, got {self.grid_samples!r}")
         if not self.outdir:
@@ -207,6 +214,25 @@ class EMRun:
             atomic_save_npz(path, images=images, index=pool["index"])
         return path
 
+    def redrawn(self, lap: int) -> torch.Tensor:
+        """Sorted indices of the observations lap ``lap`` ≥ 1 completes anew (see ``EMConfig.redraw``)."""
+        n, size = len(self.data), self.cfg.estep_size
+        if self.cfg.redraw == "random":
+            return subset(n, size, EM_SUBSET_STREAM, self.cfg.seed, lap)
+        return rotating_subset(n, size, lap, EM_SUBSET_STREAM, self.cfg.seed)
+
+    def pool_ages(self, lap: int) -> dict:
+        """How many laps old the completions lap ``lap``'s M-step trains on are (pool runs): max, mean and the
+        count per age."""
+        n = len(self.data)
+        drawn = torch.zeros(n, dtype=torch.long)  # lap 0 completes every observation
+        for ell in range(1, lap + 1):
+            drawn[self.redrawn(ell)] = ell
+        ages = lap - drawn
+        counts = torch.bincount(ages)
+        return {"pool_age_max": int(ages.max()), "pool_age_mean": float(ages.double().mean()),
+                "pool_age_counts": {str(a): int(c) for a, c in enumerate(counts.tolist()) if c}}
+
     def finished_laps(self) -> list[dict]:
         path = self.root / "stats.jsonl"
         return read_jsonl(path) if path.is_file() else []
@@ -214,9 +240,13 @@ class EMRun:
     def _check_resume(self) -> None:
         path = self.root / "em_config.json"
         if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
+            if self.cfg.redraw is None:
+                self.cfg = replace(self.cfg, redraw=REDRAWS[0])
             return
         saved = read_json(path)
         meta = saved.get("data", {})
+        if self.cfg.redraw is None:  # not given: the run keeps its own schedule
+            self.cfg = replace(self.cfg, redraw=em_section(saved.get("em", {}), meta).get("redraw", REDRAWS[0]))
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
@@ -251,6 +281,8 @@ class EMRun:
             extra = self.gaussian_lap() if lap == 0 else self.estep(lap)
             mstep_started = time.perf_counter()
             loss = self.mstep(lap)
+            if self.cfg.pool and self.cfg.estep_size is not None:
+                extra = {**extra, **self.pool_ages(lap)}
             row = {"lap": lap, **extra, "mstep_seconds": time.perf_counter() - mstep_started, "mstep_loss": loss,
                    "mstep_kimg": self.cfg.lap_kimg, "lap_seconds": time.perf_counter() - started,
                    "time": time.time()}
@@ -305,7 +337,7 @@ class EMRun:
         cfg = self.cfg
         out = self.completions_path(lap)
         parts = out.with_suffix(".parts")
-        idx = subset(len(self.data), cfg.estep_size, EM_SUBSET_STREAM, cfg.seed, lap)
+        idx = self.redrawn(lap)
         if not out.is_file():
             device = resolve_device(cfg.device)
             loaded = load_model(self.lap_dir(lap - 1), device=device)
@@ -364,6 +396,17 @@ def fingerprint(y: torch.Tensor, mask: torch.Tensor) -> str:
     h.update(float_to_uint8(y).numpy().tobytes())
     h.update(mask.to(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def rotating_subset(n: int, size: int | None, lap: int, *parts: int) -> torch.Tensor:
+    """Sorted indices of block ``lap`` − 1 (size ``size``, wrapping) of one permutation of n seeded by ``parts``:
+    consecutive laps cover every observation once before any repeats (all when size covers n)."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(mix_seed(*parts))
+    perm = torch.randperm(n, generator=g)
+    start = ((lap - 1) * size) % n
+    return perm[(start + torch.arange(size)) % n].sort().values
 
 
 def subset(n: int, size: int | None, *parts: int) -> torch.Tensor:

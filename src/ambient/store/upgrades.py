@@ -35,6 +35,9 @@ def em_section(em: dict, data: dict) -> dict:
     # lap0: recorded since 2026-12-01 (38c025f, "--lap0"); runs from before drew exact Gaussian posterior samples
     if em and "lap0" not in em:
         em["lap0"] = "sample"
+    # redraw: since issue 24 (2026-12-04); runs from before redrew a fresh seeded subset per lap
+    if em and "redraw" not in em:
+        em["redraw"] = "random"
     # gaussian_tol: since issue 24 (2026-12-04); runs from before ran all --gaussian-iters iterations
     if em and "gaussian_tol" not in em:
         em["gaussian_tol"] = None
