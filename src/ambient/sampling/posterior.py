@@ -50,8 +50,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1).reshape(-1, *([1] * (a.ndim - 1)))
 
 
-def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
-                       floor: float = 0.0) -> torch.Tensor:
+def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: float = 0.0, *,
+                       lifted: bool = False):
     """``iters`` conjugate-gradient iterations for ``apply(v) = b``, from v = 0, one system per sample.
 
     Truncated CG: a sample stops, keeping its current iterate, at the first search direction p with
@@ -61,24 +61,40 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
     1.5-kimg Fashion-MNIST model: indefinite along observed directions at σ >= 5), and CG on an
     indefinite system can blow up (there, 5 iterations at σ_y = 0.1 gave pixel values of 380).
     A vanishing residual (e.g. nothing observed, σ_y = 0) also stops it: 0/0 steps are taken as 0.
+
+    ``lifted``: ``apply(p)`` returns ``(apply(p), L p)`` for a linear map L the caller needs of the solution,
+    and the result is ``(v, L v)``, L v accumulated as Σ α_i L p_i from the iterations' own products. MMPS
+    needs σ² Jᵀ Aᵀ v, and Jᵀ Aᵀ p_i is the VJP each iteration computes anyway: one VJP fewer per call.
     """
     v = torch.zeros_like(b)
+    lv = None
     r = b.clone()
     p = r.clone()
     rr = _dot(r, r)
     active = torch.ones_like(rr, dtype=torch.bool)
     for _ in range(int(iters)):
         ap = apply(p)
+        if lifted:
+            ap, lp = ap
         pap = _dot(p, ap)
         active = active & (pap > floor * _dot(p, p))
         alpha = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
         v = v + alpha * p
+        if lifted:
+            lv = _scale(alpha, lp) if lv is None else lv + _scale(alpha, lp)
         r = r - alpha * ap
         rr_new = _dot(r, r)
         beta = torch.where(active & (rr > 0), rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
         p = r + beta * p
         rr = rr_new
+    if lifted:
+        return v, lv
     return v
+
+
+def _scale(alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """α (shaped like :func:`_dot`'s result) times u, in u's dtype."""
+    return alpha.to(u.dtype) * u
 
 
 def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
@@ -144,11 +160,15 @@ class MMPS(PosteriorDenoiser):
                 v = conjugate_gradient(lambda w: sy2 * w + a(s2 * a.adjoint(w)), self.residual(x0), self.cg_iters)
                 return x0 + s2 * a.adjoint(v)
         xg, x0 = self._forward_with_graph(x, sigma)
+
+        def apply(w):  # (σ_y² w + σ² A J Aᵀ w, Jᵀ Aᵀ w): the second is what the solution's update needs
+            u = self._vjp(x0, xg, a.adjoint(w))
+            return sy2 * w + a(s2 * u), u
+
         with torch.no_grad():
             x0d = x0.detach().to(x.dtype)
-            v = conjugate_gradient(lambda w: sy2 * w + a(s2 * self._vjp(x0, xg, a.adjoint(w))),
-                                   self.residual(x0d), self.cg_iters, floor=sy2)
-            return x0d + s2 * self._vjp(x0, xg, a.adjoint(v), retain=False)
+            _, jv = conjugate_gradient(apply, self.residual(x0d), self.cg_iters, floor=sy2, lifted=True)
+            return x0d + s2 * jv
 
 
 class DPS(PosteriorDenoiser):
