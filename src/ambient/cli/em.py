@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.learners.em import EMConfig
+from ambient.learners.em import LAP0, REDRAWS, EMConfig
 
 _D = EMConfig()
 
@@ -26,7 +26,7 @@ EM_OPTIONS = [
     ("pool", bool, "M-steps train on completions of every observation: lap 0 completes all of them (Gaussian "
                    "draws are cheap), each later lap redraws --estep-size of them and keeps the others; "
                    "--no-pool: each M-step trains on its lap's --estep-size completions only."),
-    ("redraw", click.Choice(["rotate", "random"]), "Which observations each lap redraws: 'rotate' takes the next "
+    ("redraw", click.Choice(REDRAWS), "Which observations each lap redraws: 'rotate' takes the next "
                                                   "--estep-size of one seeded permutation (every completion at most "
                                                   "ceil(N / --estep-size) laps old); 'random' a fresh subset per "
                                                   "lap (some never redrawn). Default: rotate; a resumed run keeps "
@@ -53,7 +53,7 @@ EM_OPTIONS = [
     ("seed", int, "Seed of drawn masks, subsets, posterior draws and training."),
     ("init", str, "An ambient (mask-input) model trained on these observations: lap 0's completions start from "
                   "its posterior mean instead of the Gaussian's."),
-    ("lap0", click.Choice(["sample", "mean"]), "Lap 0's completions: 'sample', exact Gaussian posterior draws (with "
+    ("lap0", click.Choice(LAP0), "Lap 0's completions: 'sample', exact Gaussian posterior draws (with "
                                                "--init: its posterior mean plus the Gaussian posterior's residual), "
                                                "or 'mean': the posterior mean (Gaussian's, or --init's). Learnt "
                                                "covariance error on the 8x8 fidelity case, p = 0.8 / 0.9: 0.111 / "

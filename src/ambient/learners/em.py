@@ -47,6 +47,7 @@ from ambient.learners.train_config import TrainConfig
 from ambient.nets.registry import ARCHS
 from ambient.rng import EM_DRAW_STREAM, EM_GFIT_STREAM, EM_MSTEP_STREAM, EM_SUBSET_STREAM, mix_seed
 from ambient.sampling.posterior import ambient_mean, mmps_samples
+from ambient.sampling.solvers import SOLVERS
 from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 from ambient.store.upgrades import em_section
 
@@ -125,7 +126,7 @@ class EMConfig(ConfigBase, what="em"):
         if not 0 <= self.corruption_probability < 1:
             self.fail("corruption_probability", f"must be in [0, 1), got {self.corruption_probability!r}")
         for name, allowed in (("corruption_pattern", PATTERNS), ("gaussian_noise", NOISES), ("arch", ARCHS),
-                              ("solver", ("heun", "euler")), ("lap0", LAP0)):
+                              ("solver", SOLVERS), ("lap0", LAP0)):
             if getattr(self, name) not in allowed:
                 self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.redraw is not None and self.redraw not in REDRAWS:
@@ -245,14 +246,14 @@ class EMRun:
             return
         saved = read_json(path)
         meta = saved.get("data", {})
+        saved_em = em_section(saved.get("em", {}), meta)
         if self.cfg.redraw is None:  # not given: the run keeps its own schedule
-            self.cfg = replace(self.cfg, redraw=em_section(saved.get("em", {}), meta).get("redraw", REDRAWS[0]))
+            self.cfg = replace(self.cfg, redraw=saved_em.get("redraw", REDRAWS[0]))
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
                                     "other pixels or masks); use another --outdir")
-        check_resume_compatible(em_section(saved.get("em", {}), meta), self.cfg.to_dict(), RESUMABLE_CHANGES,
-                                self.root)
+        check_resume_compatible(saved_em, self.cfg.to_dict(), RESUMABLE_CHANGES, self.root)
 
     # ------------------------------------------------------------------ laps
     def run(self) -> Path:

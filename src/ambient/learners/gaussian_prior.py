@@ -169,15 +169,15 @@ def initial_prior(y: torch.Tensor, mask: torch.Tensor, rank: int, memory_mb: flo
     d = y[0].numel()
     count = torch.zeros(d, dtype=torch.float64)
     total = torch.zeros(d, dtype=torch.float64)
+    pairs = torch.zeros(d, d, dtype=torch.float64)  # images observing both pixels of a pair (diagonal: count)
     for yb, mb in _flat_batches(y, mask, d, rank, memory_mb):
         count += mb.sum(0)
         total += yb.sum(0)
+        pairs += mb.T @ mb
     mean = total / count.clamp_min(1)
-    pairs = torch.zeros(d, d, dtype=torch.float64)
     cross = torch.zeros(d, d, dtype=torch.float64)
     for yb, mb in _flat_batches(y, mask, d, rank, memory_mb):
         centred = mb * (yb - mean)
-        pairs += mb.T @ mb
         cross += centred.T @ centred
     cov = cross / pairs.clamp_min(1)
     evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
