@@ -54,7 +54,12 @@ MODES = {
     "quick": dict(laps=2, estep_size=256, steps=10, rank=16, gaussian_iters=20, gaussian_size=2000),
     "medium": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=30, gaussian_size=3000),
     "full": dict(laps=3, estep_size=1000, steps=14, rank=64, gaussian_iters=50, gaussian_size=5000),
+    # issue 24's convergence curve: the first 3000 observations only (the same 3000 for every method), 1000
+    # redrawn per lap in rotation (every completion at most 3 laps old), 8 laps × 4 kimg; the baselines are
+    # trained here on the same 3000 images for the same 32 kimg (validate's settings otherwise)
+    "curve": dict(laps=8, estep_size=1000, steps=14, rank=64, gaussian_iters=100, gaussian_size=3000),
 }
+SUBSETS = {"curve": dict(max_size=3000, kimg="32", num_samples="500", num_ref="2000")}
 log = validate.log
 NOTES = "<!-- notes: written by hand, kept when benchmarks/em.py rewrites the page above -->"
 
@@ -84,7 +89,14 @@ def parse_args(argv=None):
     for key, value in MODES[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    val_argv = ["--mode", args.mode] + (["--out-dir", args.validate_dir] if args.validate_dir else [])
+    sub = SUBSETS.get(args.mode)
+    args.max_size = sub["max_size"] if sub else None
+    for key in ("kimg", "num_samples", "num_ref"):
+        if sub and getattr(args, key) is None:
+            setattr(args, key, sub[key])
+    val_dir = args.validate_dir or (str(ROOT / "runs" / "em" / args.mode / "baselines") if sub else None)
+    val_argv = ["--mode", "medium" if sub else args.mode] + (["--out-dir", val_dir] if val_dir else [])
+    val_argv += ["--max-size", str(args.max_size)] if sub else []
     for key in ("kimg", "num_samples", "num_ref"):
         if getattr(args, key) is not None:
             val_argv += [f"--{key.replace('_', '-')}", getattr(args, key)]
@@ -97,7 +109,8 @@ def em_config(args, init: str | None = None) -> EMConfig:
     v = args.val
     lap_kimg = v.kimg / args.laps
     name = f"em-p{P:g}" + ("-init" if init else "") + ("-mean" if args.lap0 == "mean" else "-draws")
-    return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), corruption_probability=P, init=init,
+    return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), max_size=args.max_size,
+                    corruption_probability=P, init=init,
                     laps=args.laps, lap_kimg=lap_kimg, estep_size=args.estep_size, rank=args.rank,
                     gaussian_iters=args.gaussian_iters, gaussian_size=args.gaussian_size, steps=args.steps,
                     cg_iters=args.cg_iters, sigma_y=args.sigma_y, estep_batch=64, lap0=args.lap0,
@@ -129,7 +142,7 @@ def hidden_psnr(done: torch.Tensor, index: torch.Tensor, clean: torch.Tensor, ma
 def em_rows(args, cfg: EMConfig, scorer, base: dict, method: str = "em") -> tuple[list[dict], dict]:
     run = Path(cfg.outdir)
     stats = {r["lap"]: r for r in read_jsonl(run / "stats.jsonl")}
-    clean = load_images(validate.DATA)
+    clean = load_images(validate.DATA, max_size=cfg.max_size)
     masks = load_observations(cfg).batch(torch.arange(clean.shape[0]))[1]
     rows, samples, elapsed = [], {}, 0.0
     for lap in sorted(stats):
@@ -196,7 +209,7 @@ def main(argv=None) -> None:
     run_em(cfg, log=log)
     runs.append(("em", cfg))
     for m in (validate.Method("clean", 0.0, 0.0), validate.Method("naive", P, 0.0),
-              validate.Method("ambient", P, v.delta)):
+              validate.Method("ambient", P, v.delta, weighting=v.loss_weighting)):
         rec = validate.train_stage(m, v, v.out_dir)
         u8, sec = validate.sample_stage(m, v.out_dir, v.kimg, v.num_samples, 1, 18)
         samples[m.name] = u8
@@ -204,7 +217,7 @@ def main(argv=None) -> None:
                      "train_s": rec["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: KID {rows[-1]['kid']:.4f}  FID {rows[-1]['fid']:.1f}")
     if args.with_init:
-        cfg = em_config(args, str(v.out_dir / validate.Method("ambient", P, v.delta).key))
+        cfg = em_config(args, str(v.out_dir / validate.Method("ambient", P, v.delta, weighting=v.loss_weighting).key))
         log(f"em-init: as em, lap 0 from the ambient model's posterior mean; run in {cfg.outdir}")
         run_em(cfg, log=log)
         runs.append(("em-init", cfg))

@@ -76,7 +76,10 @@ def write_markdown(rows: list[dict], meta: dict) -> str:
     quick = m["mode"] != "full"
     title = "# EM learner vs Ambient Diffusion on Fashion-MNIST, p = 0.8"
     lines = [title + (f" ({m['mode']} run)" if quick else ""), ""]
-    if quick:
+    if m["mode"] == "curve":
+        lines += [f"**Convergence run on a subset: the first {e.get('max_size')} training observations** (the same "
+                  "ones for every method; baselines trained on them here). Compare rows within this table.", ""]
+    elif quick:
         lines += [f"**{m['mode'].capitalize()} run: a pipeline check at a tiny budget, not a result.** The full "
                   "configuration is `python benchmarks/em.py --threads 2`.", ""]
     lines += [

@@ -113,10 +113,11 @@ def train_stage(m: Method, args, root: Path) -> dict:
     marker = outdir / "validate-train.json"
     if marker.is_file():
         rec = json.loads(marker.read_text())
-        if rec["kimg"] == args.kimg:
+        if rec["kimg"] == args.kimg and rec.get("max_size") == args.max_size:
             log(f"{m.key}: training done before ({rec['train_s'] / 60:.1f} min), reused")
             return rec
-    cfg = TrainConfig(data=DATA, outdir=str(outdir), corruption_probability=m.p, delta_probability=m.delta,
+    cfg = TrainConfig(data=DATA, outdir=str(outdir), max_size=args.max_size, corruption_probability=m.p,
+                      delta_probability=m.delta,
                       objective=m.objective, loss_normalize=m.normalize, loss_weighting=m.weighting,
                       arch=args.arch, batch=args.batch,
                       lr=args.lr, lr_warmup_kimg=1.0,
@@ -126,7 +127,7 @@ def train_stage(m: Method, args, root: Path) -> dict:
     resumed = outdir.is_dir() and any(outdir.glob("snapshot-*"))
     t0 = time.perf_counter()
     train(cfg, progress=False, log=log)
-    rec = {"kimg": args.kimg, "train_s": time.perf_counter() - t0, "resumed": resumed}
+    rec = {"kimg": args.kimg, "max_size": args.max_size, "train_s": time.perf_counter() - t0, "resumed": resumed}
     marker.write_text(json.dumps(rec))
     log(f"{m.key}: trained in {rec['train_s'] / 60:.1f} min")
     return rec
@@ -204,11 +205,13 @@ def parse_args(argv=None):
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--loss-normalize", choices=("mean", "sum"), default="mean",
                     help="normalisation of the ambient loss (ambient models only)")
-    ap.add_argument("--loss-weighting", choices=("edm", "pixel", "tilted"), default="edm",
+    ap.add_argument("--loss-weighting", choices=("edm", "pixel", "tilted"), default="tilted",
                     help="weighting of the ambient loss (ambient models only; see ambient.objectives.losses); "
-                         "edm, as the published tables were measured (ambient train defaults to tilted)")
+                         "tilted, ambient train's default (tables before 2026-12-04 were measured with edm)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train and score only these model keys (e.g. ambient-p0.8-d0.1 clean-p0)")
+    ap.add_argument("--max-size", type=int, default=None,
+                    help="train on the first N training images only (the same N for every model)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
