@@ -258,3 +258,18 @@ def ambient_mean(denoiser, y: torch.Tensor, mask: torch.Tensor, batch: int = 256
             est = mean(yb, torch.ones(())).to(torch.float32)
         out.append(mb * yb + (1 - mb) * est)
     return torch.cat(out) if out else y.clone()
+
+
+def mmps_operator_samples(denoiser, y: torch.Tensor, operator: LinearOperator, seeds: list[int], *, steps: int,
+                          cg_iters: int, sigma_y: float, solver: str = "heun",
+                          image_shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """One MMPS posterior sample per observation y = A x + σ_y n for any operator (blur, k-space, masks), and the
+    network calls. Nothing is put back: the measurements constrain the sample only through MMPS's correction.
+    Sample i starts from noise drawn by its own generator seeded with ``seeds[i]`` itself (EM's seeds are mixed).
+    """
+    shape = (y.shape[0], *(image_shape or operator.image_shape))
+    wrapper = MMPS(denoiser, y, operator, sigma_y, cg_iters=cg_iters)
+    sigmas = model_sigmas(denoiser, steps).to(y.device)
+    x = SeedNoise(seeds, stream=None, device=y.device).randn(shape)
+    out = solver_by_name(solver)(wrapper, x * sigmas[0], sigmas).to(torch.float32)
+    return out, dict(wrapper.calls)
