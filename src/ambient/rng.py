@@ -16,10 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-# data (ambient.data.corruption)
+# data (ambient.data.corruption, ambient.data.phantoms)
 MASK_STREAM = 0x5A17  # the mask A of image i drawn from the corruption law: (dataset seed, i)
 FURTHER_STREAM = 0xB0C5  # a further mask Ã fixed per image (the paper's variant): (seed, i)
 SAMPLER_STREAM = 0x7E57  # the fixed-mask sampler's mask of a sample: (seed)
+PHANTOM_STREAM = 0xF4A7  # the ellipses and textures of procedural phantom i: (seed, i)
 
 # sampling (ambient.sampling)
 NOISE_STREAM = 0x5EED  # a sample's starting and churn noise, `ambient sample` and `ambient restore`: (seed)
