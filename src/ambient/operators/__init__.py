@@ -1,7 +1,13 @@
-"""Measurement operators y = A x (+ σ_y n): ``base`` (``LinearOperator``: forward, adjoint, pinv) and
-``mask`` (``MaskOperator``, missing pixels)."""
+"""Measurement operators y = A x (+ σ_y n): ``base`` (``LinearOperator``: the contract — forward, adjoint, pinv,
+observations, noise, saving), ``mask`` (``MaskOperator``, missing pixels), ``blur`` (``BlurOperator``, a known
+PSF; ``gaussian_kernel``), ``kspace`` (``KSpaceOperator``, Cartesian MRI, single- and multi-coil;
+``cartesian_mask``) and ``specs`` (``operator_from_spec``: an operator back from its spec and arrays)."""
 
 from ambient.operators.base import LinearOperator
+from ambient.operators.blur import BlurOperator, gaussian_kernel
+from ambient.operators.kspace import KSpaceOperator, cartesian_mask
 from ambient.operators.mask import MaskOperator
+from ambient.operators.specs import KINDS, operator_from_spec
 
-__all__ = ["LinearOperator", "MaskOperator"]
+__all__ = ["KINDS", "BlurOperator", "KSpaceOperator", "LinearOperator", "MaskOperator", "cartesian_mask",
+           "gaussian_kernel", "operator_from_spec"]
