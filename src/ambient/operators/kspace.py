@@ -115,6 +115,7 @@ class KSpaceOperator(LinearOperator):
 
     kind = "kspace"
     spec_fields = ("coils",)
+    complex_measurements = True  # the real layout's trailing 2 is (real, imaginary): files store y as complex
 
     def __init__(self, mask: torch.Tensor, image_shape: tuple[int, int, int], maps: torch.Tensor | None = None,
                  sigma_y: float = 0.0):
