@@ -12,7 +12,9 @@ _D = RestoreConfig()
 @click.command("restore")
 @click.option("--model", required=True, help="Training outdir (its latest snapshot), a snapshot, or a finetuned model.")
 @click.option("--data", required=True,
-              help="Observations with masks: an npz with 'images' and 'masks', or a folder with images/ and masks/.")
+              help="Observations with masks: an npz with 'images' and 'masks', or a folder with images/ and masks/; "
+                   "or measurements through any operator (blur, k-space, …): an npz with 'y', 'operator' and "
+                   "'value_range' (ambient.operators.measurements).")
 @click.option("--out", required=True, help="Output .npz: 'images' (N·M, H, W, C) uint8 and 'index' (the "
                                            "observation each image restores); a grid PNG is written beside it.")
 @click.option("--method", type=click.Choice(METHODS), default=_D.method, show_default=True,
@@ -42,22 +44,29 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
     """Draw clean images consistent with corrupted observations (posterior sampling)."""
     from ambient.data.datasets import load_dataset
     from ambient.distributed import resolve_device
+    from ambient.operators.measurements import is_measurements_file, load_measurements
     from ambient.sampling.restore import check_inputs, check_restore_out, restore_distributed, write_restored
     from ambient.store.models import load_model
 
     out = check_restore_out(out, data)
     cfg = RestoreConfig(method=method, steps=steps, cg_iters=cg_iters, num_per_image=num_per_image,
                         sigma_y=sigma_y, seed=seed, batch=batch, dps_step=dps_step, solver=solver)
-    observations = load_dataset(data, max_size=max_size)
+    measured = is_measurements_file(data)
+    observations = load_measurements(data, max_size=max_size) if measured else load_dataset(data, max_size=max_size)
     dev = resolve_device(device)
     loaded = load_model(model, use_ema=ema, device=dev)
     check_inputs(loaded, observations, cfg, data_name=str(data), model_name=str(model))
     result = restore_distributed(loaded, observations, cfg, device=device, progress=True)
     if result is not None:
-        shown = observations.batch(list(range(min(8, len(observations)))))[0]
-        path = write_restored(out, result, shown, num_per_image)
+        first = list(range(min(8, len(observations))))
+        shown = observations.zero_filled(first) if measured else observations.batch(first)[0]
+        path = write_restored(out, result, shown, num_per_image,
+                              value_range=observations.value_range if measured else None)
         click.echo(f"wrote {len(result.images)} restorations of {len(observations)} observations to {path} "
                    f"({result.seconds:.1f} s)")
+        if result.consistency is not None:
+            c = result.consistency
+            click.echo(f"data consistency ‖A x − y‖ / ‖y‖: mean {float(c.mean()):.4g}, max {float(c.max()):.4g}")
 
 
 def register(group: click.Group) -> None:

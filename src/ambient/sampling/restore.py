@@ -30,6 +30,7 @@ from ambient.data.images import float_to_uint8, save_grid
 from ambient.errors import AmbientInputError
 from ambient.io import atomic_save_npz
 from ambient.operators.mask import MaskOperator
+from ambient.operators.measurements import Measurements
 from ambient.rng import NOISE_STREAM, SeedNoise
 from ambient.sampling.fixed_mask import model_sigmas
 from ambient.sampling.generate import MAX_SEED
@@ -83,6 +84,7 @@ class Restored:
     index: torch.Tensor
     seconds: float = 0.0
     calls: dict = field(default_factory=lambda: {"forward": 0, "vjp": 0})  # per batch call, summed
+    consistency: torch.Tensor | None = None  # operator measurements: ‖A x − y‖ / ‖y‖ per restoration
 
 
 def is_mask_input(loaded: LoadedModel) -> bool:
@@ -95,7 +97,14 @@ def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
     """One-line :class:`AmbientInputError` (naming the flag or file) for anything restore cannot use."""
     data_name = data_name or data.source or "data"
     model_name = model_name or str(loaded.path)
-    if not data.has_data_masks:
+    if isinstance(data, Measurements):
+        if cfg.method not in ("mmps", "dps"):
+            raise AmbientInputError(f"--method {cfg.method}: --data {data_name} holds {data.spec.get('kind')} "
+                                    "measurements; restoring them needs --method mmps or dps")
+        if is_mask_input(loaded):
+            raise AmbientInputError(f"--model {model_name}: a mask-input (ambient) model cannot restore operator "
+                                    "measurements; use a full-image model (clean-, naive- or EM-trained)")
+    elif not data.has_data_masks:
         raise AmbientInputError(f"--data {data_name}: no masks (need an npz with 'images' and 'masks', "
                                 "or a folder with images/ and masks/)")
     if tuple(data.shape) != tuple(loaded.image_shape):
@@ -114,16 +123,19 @@ def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
                                 f"{reimport_hint(loaded)}")
 
 
-def posterior_denoiser(denoiser, cfg: RestoreConfig, y: torch.Tensor, mask: torch.Tensor):
-    """The wrapper of ``cfg.method`` around the model's ``denoiser`` for observations (y, mask)."""
+def posterior_denoiser(denoiser, cfg: RestoreConfig, y: torch.Tensor, mask: torch.Tensor | None,
+                       operator=None):
+    """The wrapper of ``cfg.method`` around the model's ``denoiser`` for observations (y, mask), or for
+    measurements y through ``operator`` (σ_y: the data's own, or --sigma-y where that is larger)."""
+    sigma_y = cfg.sigma_y if operator is None else max(cfg.sigma_y, float(operator.sigma_y))
     if cfg.method == "ambient-mean":
         return AmbientMean(denoiser, y, mask, cfg.sigma_y, sigma_floor=float(getattr(denoiser, "sigma_min", 0.002)))
-    op = MaskOperator(mask)
+    op = MaskOperator(mask) if operator is None else operator
     if cfg.method == "mmps":
-        return MMPS(denoiser, y, op, cfg.sigma_y, cg_iters=cfg.cg_iters)
+        return MMPS(denoiser, y, op, sigma_y, cg_iters=cfg.cg_iters)
     if cfg.method == "dps":
-        return DPS(denoiser, y, op, cfg.sigma_y, step=cfg.dps_step)
-    return Projection(denoiser, y, op, cfg.sigma_y)
+        return DPS(denoiser, y, op, sigma_y, step=cfg.dps_step)
+    return Projection(denoiser, y, op, sigma_y)
 
 
 def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: RestoreConfig,
@@ -131,13 +143,20 @@ def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: 
     """Output rows ``rows`` (row j: observation j // M, seed cfg.seed + j) as float32 (len, C, H, W) on the CPU."""
     device = torch.device(device)
     obs = [j // cfg.num_per_image for j in rows]
-    y, mask = data.batch(obs)
-    y, mask = y.to(device), mask.to(device)
-    wrapper = posterior_denoiser(loaded.denoiser, cfg, y, mask)
+    if isinstance(data, Measurements):
+        y, op = data.batch(obs)
+        y, op = y.to(device, torch.float32), op.to(device)
+        wrapper = posterior_denoiser(loaded.denoiser, cfg, y, None, op)
+        shape = (len(rows), *data.shape)
+    else:
+        y, mask = data.batch(obs)
+        y, mask = y.to(device), mask.to(device)
+        wrapper = posterior_denoiser(loaded.denoiser, cfg, y, mask)
+        shape = y.shape
     # ambient-mean does not depend on x_t: one step (one call) returns it exactly
     steps = 1 if cfg.method == "ambient-mean" else cfg.steps
     sigmas = torch.as_tensor(model_sigmas(wrapper, steps), dtype=torch.float64).to(device)
-    x = SeedNoise([cfg.seed + j for j in rows], stream=NOISE_STREAM, device=device).randn(y.shape)
+    x = SeedNoise([cfg.seed + j for j in rows], stream=NOISE_STREAM, device=device).randn(shape)
     with torch.no_grad():
         out = solver_by_name(cfg.solver)(wrapper, x * sigmas[0], sigmas)
     return out.float().cpu(), dict(wrapper.calls)
@@ -162,7 +181,9 @@ def restore(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, devi
         calls = {k: calls[k] + c[k] for k in calls}
     out = torch.cat(images) if images else torch.empty((0, *data.shape))
     index = torch.tensor([j // cfg.num_per_image for j in rows], dtype=torch.int64)
-    return Restored(out, index, time.perf_counter() - t0, calls)
+    seconds = time.perf_counter() - t0
+    consistency = data.consistency(out, index) if isinstance(data, Measurements) else None
+    return Restored(out, index, seconds, calls, consistency)
 
 
 def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
@@ -187,7 +208,8 @@ def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreCon
     for _, c in extras:
         calls = {k: calls[k] + c[k] for k in calls}
     index = torch.arange(total, dtype=torch.int64) // cfg.num_per_image
-    return Restored(images, index, max(s for s, _ in extras), calls)
+    consistency = data.consistency(images, index) if isinstance(data, Measurements) else None
+    return Restored(images, index, max(s for s, _ in extras), calls, consistency)
 
 
 def check_restore_out(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
@@ -209,15 +231,26 @@ def grid_path_for(out: Path) -> Path:
 
 
 def write_restored(out: str | os.PathLike, restored: Restored, observations: torch.Tensor | None = None,
-                   num_per_image: int = 1) -> Path:
+                   num_per_image: int = 1, value_range: tuple[float, float] | None = None) -> Path:
     """Write ``images`` (N·M, H, W, C) uint8 and ``index`` (N·M,) int64 to the .npz ``out`` atomically, and a
-    grid PNG beside it: per observation (up to 8) the observation, then up to 7 of its restorations."""
+    grid PNG beside it: per observation (up to 8) the observation, then up to 7 of its restorations.
+
+    With ``value_range`` (float data, operator measurements) also ``images_float`` (float32, the data's own
+    units) and ``value_range``; with measurements ``data_consistency`` (‖A x − y‖ / ‖y‖ per restoration)."""
     out = Path(out)
     if out.suffix != ".npz":
         raise AmbientInputError(f"--out {out}: must be a .npz file")
     u8 = float_to_uint8(restored.images).permute(0, 2, 3, 1).contiguous().numpy()
+    extra = {}
+    if value_range is not None:
+        lo, hi = value_range
+        floats = ((restored.images.to(torch.float64) + 1) * ((hi - lo) / 2) + lo).to(torch.float32)
+        extra = {"images_float": floats.permute(0, 2, 3, 1).contiguous().numpy(),
+                 "value_range": np.asarray(value_range, dtype=np.float64)}
+    if restored.consistency is not None:
+        extra["data_consistency"] = restored.consistency.numpy().astype(np.float64)
     try:
-        atomic_save_npz(out, images=u8, index=restored.index.numpy().astype(np.int64))
+        atomic_save_npz(out, images=u8, index=restored.index.numpy().astype(np.int64), **extra)
     except OSError as exc:
         raise AmbientInputError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     if observations is not None and len(u8):
