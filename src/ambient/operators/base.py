@@ -26,6 +26,9 @@ parameters) and ``arrays()`` the per-observation parameter arrays (numpy, for an
 
 Posterior denoisers (:mod:`ambient.sampling.posterior`) use ``forward``, ``adjoint``, ``pinv`` (only the
 gradient-free projection method) and ``num_observations`` (DPS's count of observed values); nothing else.
+``pinv`` is exact where implemented: the pixel mask (A⁺ = A) and single-coil k-space (diagonal in k-space once
+the Hermitian symmetry of a real image's spectrum is used); blur and multi-coil k-space raise
+NotImplementedError (no cheap exact pseudo-inverse; MMPS and DPS do not need one).
 """
 
 from __future__ import annotations

@@ -93,8 +93,9 @@ def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: floa
 
 
 def _scale(alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """α (shaped like :func:`_dot`'s result) times u, in u's dtype."""
-    return alpha.to(u.dtype) * u
+    """α (shaped like :func:`_dot`'s result, per sample) times u, in u's dtype; u may have another number of
+    dimensions than the system (an image for measurements with a trailing complex dimension)."""
+    return alpha.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1))) * u
 
 
 def _sigma_like(sigma, x: torch.Tensor) -> torch.Tensor:
