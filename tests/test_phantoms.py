@@ -72,3 +72,4 @@ def test_write_npz(tmp_path):
         assert npz["images"].dtype == np.float32 and npz["images"].shape == (4, 16, 16)
         np.testing.assert_array_equal(npz["images"], phantoms(4, size=16, seed=5))
         np.testing.assert_array_equal(npz["value_range"], [0.0, 1.0])
+        assert npz["value_range"].dtype == np.float64  # as ambient.operators.measurements writes it

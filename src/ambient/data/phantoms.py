@@ -148,6 +148,6 @@ def phantoms(num: int, size: int = 64, seed: int = 0, *, dtype: np.dtype | type 
 
 def write_phantoms_npz(path: str | os.PathLike, num: int, size: int = 64, seed: int = 0) -> Path:
     """Write ``phantoms(num, size, seed)`` as an npz of float data: ``images`` float32 (N, H, W) and
-    ``value_range`` float32 [0, 1] (the range the images' values are in). Atomic; returns the path."""
+    ``value_range`` float64 [0, 1] (the range the images' values are in). Atomic; returns the path."""
     images = phantoms(num, size, seed, dtype=np.float32)
-    return atomic_save_npz(path, images=images, value_range=np.asarray([0.0, 1.0], dtype=np.float32))
+    return atomic_save_npz(path, images=images, value_range=np.asarray([0.0, 1.0], dtype=np.float64))
