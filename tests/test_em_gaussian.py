@@ -127,8 +127,8 @@ def test_arrays_round_trip_and_bad_arguments():
 def test_parameter_expansion_converges_faster_when_most_pixels_are_missing():
     _, y, mask = _low_rank_data(n=2000, shape=(1, 4, 4), rank=3, keep=0.2, seed=6)
     start = initial_prior(y, mask, 3)
-    _, px = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=True)
-    _, plain = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=False)
+    _, px = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=True, accelerate=False)
+    _, plain = fit_gaussian(y, mask, rank=3, iters=10, init=start, expand=False, accelerate=False)
     assert px[0] == plain[0] and px[-1] > plain[-1]
 
 
@@ -149,13 +149,55 @@ def test_initial_prior_is_the_pairwise_complete_covariance():
 
 
 def test_fit_stops_at_the_stated_tolerance():
+    """tol is the gain of one EM map in nats per observed value; the fit stops at the first map below it."""
     _, y, mask = _low_rank_data(n=2000, shape=(1, 4, 4), rank=3, keep=0.3, seed=8)
-    prior, history = fit_gaussian(y, mask, rank=3, iters=500, tol=1e-4)
-    gains = np.diff(history)
-    assert len(history) < 501  # stopped before the cap
-    assert gains[-2] < 1e-4 <= gains[:-2].min()  # the iteration that gained < tol was the last one run
-    full, _ = fit_gaussian(y, mask, rank=3, iters=len(history) - 1)
-    assert torch.equal(full.covariance(), prior.covariance())  # same iterations, same answer
+    observed = float(mask.reshape(2000, -1).sum(1).mean())
+    for accelerate in (False, True):
+        report = {}
+        prior, history = fit_gaussian(y, mask, rank=3, iters=500, tol=1e-5, accelerate=accelerate, report=report)
+        assert report["stopped"] == "tol" and report["maps"] < 500 and report["observed"] == observed
+        gains = [g for _, g in report["gains"]]
+        assert gains[-1] < 1e-5 <= min(gains[:-1])  # the first map that gained < tol was the last checked
+        again = {}
+        same, _ = fit_gaussian(y, mask, rank=3, iters=report["maps"], accelerate=accelerate, report=again)
+        assert again["stopped"] == "cap" and torch.equal(same.covariance(), prior.covariance())  # same maps, same fit
+    # plain EM: each map's gain is the difference of successive log-likelihoods, per observed value
+    report = {}
+    _, history = fit_gaussian(y, mask, rank=3, iters=30, accelerate=False, report=report)
+    assert np.allclose([g for _, g in report["gains"]], np.diff(history[:-1]) / observed, rtol=0, atol=1e-15)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="tol"):
             fit_gaussian(y, mask, rank=3, iters=5, tol=bad)
+
+
+def test_squarem_is_monotone_faster_and_reaches_the_same_fixed_point():
+    _, y, mask = _low_rank_data(n=1500, shape=(1, 4, 4), rank=3, keep=0.25, seed=9)
+    start = initial_prior(y, mask, 3)
+    fits = {}
+    for accelerate in (False, True):
+        report = {}
+        maps_ll = []
+        prior, history = fit_gaussian(y, mask, rank=3, iters=40, init=start, accelerate=accelerate, report=report,
+                                      memory_mb=0.05, callback=lambda i, ll, out=maps_ll: out.append((i + 1, ll)))
+        steps = np.diff(history)
+        assert (steps > -1e-9).all(), steps.min()  # monotone, rejected extrapolations included
+        assert report["maps"] == 40 and history[0] == maps_ll[0][1]
+        fits[accelerate] = (prior, history, maps_ll)
+    plain_final = fits[False][1][-1]
+    # SQUAREM reaches plain EM's 40-map log-likelihood in at most half the EM maps
+    reach = next(i for i, ll in fits[True][2] if ll >= plain_final)
+    assert reach <= 20, reach
+    # same fixed point: run both to a tight tolerance; the covariances agree, and plain EM does not move SQUAREM's
+    tight = {a: fit_gaussian(y, mask, rank=3, iters=3000, init=start, accelerate=a, tol=1e-10)[0]
+             for a in (False, True)}
+    ca, cp = tight[True].covariance(), tight[False].covariance()
+    assert float((ca - cp).norm() / ca.norm()) < 1e-3
+    again, _ = fit_gaussian(y, mask, rank=3, iters=5, init=tight[True], accelerate=False)
+    assert float((again.covariance() - ca).norm() / ca.norm()) < 1e-5
+
+
+def test_squarem_keeps_the_noise_positive_and_isotropic():
+    _, y, mask = _low_rank_data(n=800, shape=(1, 3, 4), rank=2, keep=0.3, seed=10)
+    prior, history = fit_gaussian(y, mask, rank=2, iters=30, noise="isotropic", accelerate=True)
+    assert (prior.noise > 0).all() and torch.allclose(prior.noise, prior.noise[:1].expand_as(prior.noise))
+    assert (np.diff(history) > -1e-9).all()

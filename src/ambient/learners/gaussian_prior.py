@@ -237,16 +237,46 @@ def em_step(prior: GaussianPrior, y: torch.Tensor, mask: torch.Tensor, noise: st
     return new, loglik / n
 
 
+def _observed_per_image(mask: torch.Tensor) -> float:
+    """Mean number of observed values per image (at least 1): the unit of ``fit_gaussian``'s ``tol``."""
+    return max(float(mask.reshape(mask.shape[0], -1).sum(1, dtype=torch.float64).mean()), 1.0)
+
+
+def _to_vector(prior: GaussianPrior) -> torch.Tensor:
+    """(μ, W, log ψ) as one vector: the coordinates SQUAREM extrapolates in (log ψ keeps ψ positive)."""
+    return torch.cat([prior.mean, prior.loading.reshape(-1), prior.noise.log()])
+
+
+def _from_vector(v: torch.Tensor, like: GaussianPrior) -> GaussianPrior:
+    d, r = like.dim, like.rank
+    return GaussianPrior(v[:d].clone(), v[d:d + d * r].reshape(d, r).clone(),
+                         v[d + d * r:].exp().clamp_min(_PSI_FLOOR), like.shape)
+
+
 def fit_gaussian(y: torch.Tensor, mask: torch.Tensor, rank: int, iters: int, *, noise: str = "diagonal",
                  init: GaussianPrior | None = None, memory_mb: float = 256, expand: bool = True,
-                 tol: float | None = None,
-                 callback: Callable[[int, float], None] | None = None) -> tuple[GaussianPrior, list[float]]:
-    """Fit N(μ, W Wᵀ + diag(ψ)) of rank ``rank`` to masked images by at most ``iters`` EM iterations.
+                 tol: float | None = None, accelerate: bool = True,
+                 callback: Callable[[int, float], None] | None = None,
+                 report: dict | None = None) -> tuple[GaussianPrior, list[float]]:
+    """Fit N(μ, W Wᵀ + diag(ψ)) of rank ``rank`` to masked images by at most ``iters`` EM maps (E-step passes).
 
-    ``y`` (N, C, H, W) with anything at hidden pixels, ``mask`` {0,1} of the same shape. ``tol``: stop as
-    soon as an iteration raises the mean observed-data log-likelihood per image by less than ``tol``
-    nats (None: run all ``iters``). Returns the prior and the mean log-likelihood per image before each
-    iteration and after the last (one more value than iterations run, non-decreasing up to rounding).
+    ``y`` (N, C, H, W) with anything at hidden pixels, ``mask`` {0,1} of the same shape.
+
+    ``accelerate``: SQUAREM (Varadhan & Roland 2008, scheme S3) around the (PX-)EM map F: from θ₀, θ₁ = F(θ₀),
+    θ₂ = F(θ₁), r = θ₁ − θ₀, v = θ₂ − θ₁ − r, α = −‖r‖/‖v‖ clamped to [−α_max, −1], θ' = θ₀ − 2αr + α²v, and
+    the next iterate F(θ') (three maps) if L(θ') ≥ L(θ₁), else θ₂ (α = −1 is θ₂ itself). θ = (μ, W, log ψ);
+    α_max starts at 1 and grows ×4 each time the cap is taken and kept (÷4 when it is rejected). False: plain
+    (PX-)EM, one map per iteration.
+
+    ``tol``: stop as soon as one EM map, from the current iterate, raises the mean observed-data log-likelihood
+    by less than ``tol`` nats **per observed value** (the gain per image divided by the mean number of observed
+    values per image, so the same number means the same for images of any size); None: run all ``iters``
+    maps. The map's output is returned.
+
+    Returns the prior and the mean log-likelihood per image of every iterate kept (the start first, the
+    returned prior last), non-decreasing up to rounding. ``report``, if given, is filled with ``maps`` (EM
+    maps run), ``stopped`` ("tol" or "cap"), ``gain`` (the last EM map's gain per observed value), ``gains``
+    ((maps run, gain) each time the gain was checked) and ``observed`` (the mean observed values per image).
     """
     d = y[0].numel()
     if noise not in NOISES:
@@ -257,15 +287,75 @@ def fit_gaussian(y: torch.Tensor, mask: torch.Tensor, rank: int, iters: int, *, 
         raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
     if tol is not None and not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number or None, got {tol!r}")
+    iters = int(iters)
+    observed = _observed_per_image(mask)
     prior = init if init is not None else initial_prior(y, mask, int(rank), memory_mb)
-    history = []
-    for it in range(int(iters)):
-        prior, ll = em_step(prior, y, mask, noise, memory_mb, expand)
+    history: list[float] = []
+    state = report if report is not None else {}
+    state.update(maps=0, stopped="cap", gain=float("nan"), observed=observed, gains=[])
+
+    def em(p: GaussianPrior) -> tuple[GaussianPrior, float]:
+        new, ll = em_step(p, y, mask, noise, memory_mb, expand)
+        state["maps"] += 1
+        return new, ll
+
+    def keep(ll: float) -> None:
         history.append(ll)
         if callback is not None:
-            callback(it, ll)
-        if tol is not None and it > 0 and history[-1] - history[-2] < tol:
-            break
+            callback(state["maps"] - 1, ll)
+
+    def converged(gain: float) -> bool:
+        state["gain"] = gain / observed
+        state["gains"].append((state["maps"], state["gain"]))
+        if tol is not None and state["gain"] < tol:
+            state["stopped"] = "tol"
+            return True
+        return False
+
+    if not accelerate:
+        while state["maps"] < iters:
+            new, ll = em(prior)
+            keep(ll)
+            prior = new
+            if len(history) > 1 and converged(history[-1] - history[-2]):
+                break
+    else:
+        step_max = 1.0
+        while state["maps"] < iters:
+            p1, l0 = em(prior)
+            keep(l0)
+            if state["maps"] >= iters:
+                prior = p1
+                break
+            p2, l1 = em(p1)
+            keep(l1)
+            if converged(l1 - l0) or state["maps"] >= iters:
+                prior = p2
+                break
+            t0, t1, t2 = _to_vector(prior), _to_vector(p1), _to_vector(p2)
+            r, v = t1 - t0, t2 - 2 * t1 + t0
+            nr, nv = float(r.norm()), float(v.norm())
+            raw = -nr / nv if nv > 0 and math.isfinite(nr / nv) else -1.0
+            alpha = max(min(raw, -1.0), -step_max)
+            if alpha == -1.0:  # θ' would be θ₂ itself
+                prior = p2
+                if raw < -1.0:  # the cap was taken
+                    step_max *= 4
+                continue
+            try:
+                trial = _from_vector(t0 - 2 * alpha * r + alpha**2 * v, prior)
+                p3, l2 = em(trial)
+            except torch.linalg.LinAlgError:
+                l2 = -math.inf
+            if math.isfinite(l2) and l2 >= l1:
+                keep(l2)
+                prior = p3
+                if alpha == -step_max:
+                    step_max *= 4
+            else:
+                prior = p2
+                if alpha == -step_max:
+                    step_max = max(1.0, step_max / 4)
     history.append(float(prior.log_likelihood(y, mask, memory_mb).mean()))
     return prior, history
 
@@ -364,7 +454,8 @@ def operator_posterior(prior: GaussianPrior, y: torch.Tensor, operator, *, sigma
 
 def fit_gaussian_operator(y: torch.Tensor, operator, rank: int, iters: int, *, noise: str = "diagonal",
                           seed: int = 0, init: GaussianPrior | None = None, image_shape=None, batch: int = 256,
-                          cg_iters: int = 200, cg_tol: float = 1e-5, tol: float | None = None,
+                          cg_iters: int = 200, cg_tol: float = 1e-5, sigma_floor: float = 1e-2,
+                          tol: float | None = None,
                           callback: Callable[[int, float], None] | None = None
                           ) -> tuple[GaussianPrior, list[float]]:
     """Fit N(μ, W Wᵀ + diag(ψ)) of rank ``rank`` to observations y = A x + σ_y n by Monte-Carlo EM.
@@ -388,13 +479,21 @@ def fit_gaussian_operator(y: torch.Tensor, operator, rank: int, iters: int, *, n
     if int(rank) != rank or not 1 <= rank <= d:
         raise ValueError(f"rank must be an integer in [1, {d}], got {rank!r}")
     n = y.shape[0]
-    if init is None:
-        count = float(operator.num_observations().to(torch.float64).expand(n).sum())
-        var = max(float(y.to(torch.float64).pow(2).sum()) / max(count, 1.0), 1e-4)
-        g = torch.Generator().manual_seed(mix_seed(POSTERIOR_STREAM, int(seed), 0xF17))
-        loading = 1e-3 * math.sqrt(var) * torch.randn(d, rank, generator=g, dtype=torch.float64)
-        init = GaussianPrior(torch.zeros(d, dtype=torch.float64), loading,
-                             torch.full((d,), var, dtype=torch.float64), shape)
+    if init is None:  # PPCA of the least-squares (pinv) or back-projected (Aᵀ) images, ψ / measured share
+        back = torch.empty(n, d, dtype=torch.float64)
+        for s in range(0, n, batch):
+            idx = torch.arange(s, min(s + batch, n))
+            op, yb = operator.select(idx), y[idx].to(torch.float64)
+            try:
+                back[idx] = op.pinv(yb).reshape(len(idx), d)
+            except NotImplementedError:
+                back[idx] = op.adjoint(yb).reshape(len(idx), d)
+        init = _ppca_from_samples(back, rank, noise, shape)
+        # the back-projections miss the unmeasured share of each image's energy: ψ (what the rank-r part leaves)
+        # is scaled up by the measured share, so that EM starts near the right level instead of crawling to it
+        # (a missing-data EM moves unmeasured directions by only a (1 − share) fraction per iteration)
+        share = min(1.0, float(operator.num_observations().to(torch.float64).expand(n).mean()) / d)
+        init = GaussianPrior(init.mean, init.loading, (init.noise / max(share, 1e-3)).clamp_min(_PSI_FLOOR), shape)
     prior = init
     history: list[float] = []
     for it in range(int(iters)):
@@ -403,7 +502,7 @@ def fit_gaussian_operator(y: torch.Tensor, operator, rank: int, iters: int, *, n
             idx = torch.arange(s, min(s + batch, n))
             seeds = [mix_seed(int(seed), it, int(i)) for i in idx.tolist()]
             x, _ = operator_posterior(prior, y[idx], operator.select(idx), seeds=seeds, cg_iters=cg_iters,
-                                      cg_tol=cg_tol)
+                                      cg_tol=cg_tol, sigma_floor=sigma_floor)
             draws[idx] = x.reshape(len(idx), d)
         new = _ppca_from_samples(draws, rank, noise, shape)
         change = _relative_change(prior, new)
