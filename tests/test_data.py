@@ -255,7 +255,9 @@ def test_batch_matches_items_and_is_fast(pattern):
 def test_imagedataset_rejects_bad_arguments():
     images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="images"):
-        ImageDataset(images.float())
+        ImageDataset(images.to(torch.int16))  # float images (model units) are taken: see test_float_data.py
+    with pytest.raises(ValueError, match="value_range"):
+        ImageDataset(images, value_range=(0, 1))
     with pytest.raises(ValueError, match="masks"):
         ImageDataset(images, masks=torch.full_like(images, 2))
     with pytest.raises(ValueError, match="labels"):
@@ -313,8 +315,8 @@ def _bad_inputs(tmp: Path):
     cases.append(("mixed channels", str(tmp / "chans"), {}, "001.png"))
     np.savez(tmp / "noimg.npz", pictures=imgs)
     cases.append(("npz without images", str(tmp / "noimg.npz"), {}, "pictures"))
-    np.savez(tmp / "float.npz", images=imgs.astype(np.float32))
-    cases.append(("float images", str(tmp / "float.npz"), {}, "uint8"))
+    np.savez(tmp / "int16.npz", images=imgs.astype(np.int16))
+    cases.append(("int16 images", str(tmp / "int16.npz"), {}, "astype(np.float32)"))
     np.savez(tmp / "ndim.npz", images=imgs[0, :, :, 0])
     cases.append(("wrong ndim", str(tmp / "ndim.npz"), {}, "shape"))
     np.savez(tmp / "mval.npz", images=imgs, masks=np.full(imgs.shape, 2))

@@ -18,15 +18,23 @@ Data specs (``load_dataset(spec)``):
 ``builtin:digits``
     scikit-learn's bundled 8×8 digits (values 0..16 scaled to 0..255), labels.
 a folder
-    PNG/JPEG (also BMP, WebP) files, recursively, in sorted order; ``dataset.json`` with
-    EDM's ``{"labels": [[name, label], ...]}`` gives labels. With ``images/`` and ``masks/``
+    PNG/JPEG (also BMP, WebP, TIFF) files, recursively, in sorted order; ``dataset.json`` with
+    EDM's ``{"labels": [[name, label], ...]}`` gives labels (and ``"value_range": [lo, hi]`` the units
+    of 16-bit or float images). 16-bit PNG and 32-bit (integer or float) TIFF keep their values; one bit
+    depth per folder. With ``images/`` and ``masks/``
     subfolders, each image has a mask of the same relative name (or the same stem, .png),
     grayscale or with the image's channels, values 0/1 or 0/255.
 an EDM-style ``.zip``
     the same, inside a zip archive.
 an ``.npz``
-    ``images`` uint8 (N, H, W) or (N, H, W, C), optional ``masks`` {0,1} of the same shape
-    or (N, H, W), optional integer ``labels`` (N,).
+    ``images`` (N, H, W) or (N, H, W, C) uint8, uint16 or float16/32/64, optional ``value_range``
+    [lo, hi] (the values that map to [-1, 1]), optional ``masks`` {0,1} of the same shape or (N, H, W),
+    optional integer ``labels`` (N,).
+
+Units: uint8 images map 0..255 to [-1, 1] and stay uint8 in memory. Other images are held as float32 in
+[-1, 1] with x_norm = 2 (x - lo) / (hi - lo) - 1 for their ``value_range`` (declared; else 0..65535 for
+uint16; else the data set's own min and max, with a notice); :attr:`ImageDataset.value_range` gives
+(lo, hi) and :func:`ambient.data.images.from_unit_range` maps model outputs back to them.
 
 Grayscale images give 1 channel, RGB 3; an alpha channel is dropped (not blended).
 A relative path that does not exist is also looked up inside ``data_dir``.
@@ -34,6 +42,7 @@ A relative path that does not exist is also looked up inside ``data_dir``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -41,7 +50,7 @@ import torch
 
 from ambient.data.corruption import Corruption
 from ambient.data.images import float_to_uint8, images_uint8_to_float
-from ambient.data.readers import read_source
+from ambient.data.readers import UINT8_RANGE, read_source
 from ambient.errors import AmbientInputError
 
 __all__ = [
@@ -51,10 +60,11 @@ __all__ = [
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images (uint8, N×C×H×W, in memory) with masks A from the data or drawn per index.
+    """Images (N×C×H×W, in memory: uint8, or float32 in model units) with masks A from the data or drawn per index.
 
     Args:
-        images: uint8 tensor (N, C, H, W).
+        images: uint8 tensor (N, C, H, W) (0..255), or a float tensor already in model units [-1, 1]
+            (held as float32; values a little outside are kept).
         masks: uint8 {0,1} tensor like ``images`` when A comes with the data, else None.
         labels: int64 tensor (N,) or None.
         corruption: draws A per index when ``masks`` is None; None means no corruption.
@@ -63,22 +73,43 @@ class ImageDataset(torch.utils.data.Dataset):
         source: the spec the data came from (for messages and configs).
         cache_masks: keep each drawn A (uint8) after its first use; drawing costs ~0.3 ms
             per image, the cache as much memory as ``images``.
+        value_range: the source values that map to [-1, 1]: (0, 255) for uint8 images (the default, and the
+            only range they take), for float images the range they were mapped from (default (-1, 1)).
+        kind: the source's dtype ("uint8", "uint16", "float32", ...); default "uint8" for uint8 images,
+            "float32" for float ones.
+        notices: one-line notes about the data for the user (see :func:`check_masks`).
     """
 
     def __init__(self, images: torch.Tensor, masks: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, corruption: Corruption | None = None,
-                 seed: int = 0, source: str = "", cache_masks: bool = True):
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("images must be a uint8 tensor (N, C, H, W)")
+                 seed: int = 0, source: str = "", cache_masks: bool = True, *,
+                 value_range: tuple[float, float] | None = None, kind: str | None = None,
+                 notices: Sequence[str] = ()):
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or not (
+                images.dtype == torch.uint8 or images.is_floating_point()):
+            raise ValueError("images must be a uint8 tensor (N, C, H, W) or a float one in [-1, 1]")
         if images.shape[0] == 0:
             raise ValueError("images must hold at least one image")
+        is_uint8 = images.dtype == torch.uint8
+        if value_range is None:
+            value_range = UINT8_RANGE if is_uint8 else (-1.0, 1.0)
+        lo, hi = (float(v) for v in value_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"value_range must be two finite numbers lo < hi, got {[lo, hi]}")
+        if is_uint8 and (lo, hi) != UINT8_RANGE:
+            raise ValueError(f"uint8 images have value_range (0, 255), got {[lo, hi]}")
+        if not is_uint8:
+            images = images.to(torch.float32)
         if masks is not None:
             if not isinstance(masks, torch.Tensor) or masks.shape != images.shape:
                 raise ValueError(f"masks must be a tensor of shape {tuple(images.shape)}")
             if not bool(((masks == 0) | (masks == 1)).all()):
                 raise ValueError("masks must contain only 0 and 1")
             masks = masks.to(torch.uint8)
-            images = images * masks  # values at unobserved pixels are never used
+            # values at unobserved pixels are never used (and may be NaN in float data)
+            images = images * masks if is_uint8 else torch.where(masks.bool(), images, 0.0)
+        if not is_uint8 and not bool(torch.isfinite(images).all()):
+            raise ValueError("float images must be finite where observed")
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.int64)
             if labels.shape != (images.shape[0],):
@@ -92,6 +123,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.source = str(source)
         self.cache_masks = bool(cache_masks)
+        self.value_range = (lo, hi)
+        self.kind = str(kind) if kind is not None else ("uint8" if is_uint8 else "float32")
+        self.notices = list(notices)
         self._cache: tuple | None = None  # (corruption, seed, masks uint8, drawn bool (N,))
         self._mask_law: str | None = None
 
@@ -123,6 +157,15 @@ class ImageDataset(torch.utils.data.Dataset):
             raise AmbientInputError(f"{self.source or 'data'}: images are {self.height}x{self.width}, "
                                     "not square; pass --resolution to resize them")
         return self.height
+
+    @property
+    def is_uint8(self) -> bool:
+        """True when the images are held as uint8 (0..255); else float32 in model units."""
+        return self.images.dtype == torch.uint8
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored images (rows of :attr:`images`) as float32 in [-1, 1]."""
+        return images_uint8_to_float(images) if self.is_uint8 else images
 
     @property
     def has_data_masks(self) -> bool:
@@ -185,7 +228,7 @@ class ImageDataset(torch.utils.data.Dataset):
         """dict(image=y = A ⊙ x0 float32 (C,H,W) in [-1,1], mask=A float32, index=int[, label=int])."""
         i = self._index(index)
         mask = self.mask(i)
-        item = {"image": images_uint8_to_float(self.images[i]) * mask, "mask": mask, "index": i}
+        item = {"image": self.to_float(self.images[i]) * mask, "mask": mask, "index": i}
         if self.labels is not None:
             item["label"] = int(self.labels[i])
         return item
@@ -200,12 +243,13 @@ class ImageDataset(torch.utils.data.Dataset):
             masks = torch.ones((len(idx), *self.shape))
         else:
             masks = self._drawn(idx)
-        return images_uint8_to_float(self.images[rows]) * masks, masks
+        return self.to_float(self.images[rows]) * masks, masks
 
     def __repr__(self) -> str:
         kind = "data masks" if self.has_data_masks else f"corruption={self.corruption}"
+        units = "" if self.is_uint8 else f", {self.kind} {self.value_range[0]:g}..{self.value_range[1]:g}"
         return (f"ImageDataset({self.source!r}, n={len(self)}, shape={self.shape}, {kind}, "
-                f"observed_share={self.observed_share:.3f})")
+                f"observed_share={self.observed_share:.3f}{units})")
 
 
 def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, max_size: int | None = None,
@@ -221,29 +265,34 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, max_si
         torch.from_numpy(raw.images),
         None if raw.masks is None else torch.from_numpy(raw.masks),
         None if raw.labels is None else torch.from_numpy(raw.labels),
-        corruption=corruption, seed=seed, source=str(spec))
+        corruption=corruption, seed=seed, source=str(spec), value_range=raw.value_range, kind=raw.kind,
+        notices=raw.notices)
 
 
 def check_masks(data: ImageDataset, spec: str, flag: str = "--data") -> str | None:
-    """Refuse data whose masks hide every pixel (one line naming the data); return a one-line notice
-    when they hide none (None otherwise, and for data without masks)."""
-    if not data.has_data_masks:
-        return None
-    share = data.observed_share
+    """Refuse data whose masks hide every pixel (one line naming the data); return the notices about the data,
+    one line each (joined by newlines): the reader's (:attr:`ImageDataset.notices`, e.g. per-dataset scaling of
+    float data) and one when the masks hide no pixel. None when there is nothing to say."""
+    notices = [f"notice: {flag} {n}" for n in getattr(data, "notices", ())]
+    share = data.observed_share if data.has_data_masks else None
     if share == 0:
         raise AmbientInputError(f"{flag} {spec}: every mask is all zero (no pixel is observed), so there is nothing "
                                 "to learn from; check the masks (1 = observed)")
     if share == 1:
-        return (f"notice: {flag} {spec}: every mask is all one, so nothing is hidden (the images are used as "
-                "clean ones)")
-    return None
+        notices.append(f"notice: {flag} {spec}: every mask is all one, so nothing is hidden (the images are used as "
+                       "clean ones)")
+    return "\n".join(notices) or None
 
 
 def load_images(spec: str, data_dir: str | os.PathLike | None = None, max_size: int | None = None,
                 resolution: int | None = None) -> torch.Tensor:
-    """The images of ``spec`` as uint8 (N, C, H, W), as stored (no masks applied), e.g. for metrics."""
-    return torch.from_numpy(read_source(spec, data_dir=data_dir, max_size=max_size,
-                                        resolution=resolution).images)
+    """The images of ``spec`` as uint8 (N, C, H, W), as stored (no masks applied), e.g. for metrics.
+
+    Non-uint8 data comes in its model units rendered as uint8 (:func:`float_to_uint8` of [-1, 1], what a
+    written PNG of it holds; values beyond its value_range are clipped, and not refused)."""
+    raw = read_source(spec, data_dir=data_dir, max_size=max_size, resolution=resolution, check_range=False)
+    images = torch.from_numpy(raw.images)
+    return images if raw.kind == "uint8" else float_to_uint8(images)
 
 
 def resolve_mask_full_rgb(explicit: bool | None, data: ImageDataset, saved: bool | None = None,
