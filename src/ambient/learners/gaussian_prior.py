@@ -479,21 +479,22 @@ def fit_gaussian_operator(y: torch.Tensor, operator, rank: int, iters: int, *, n
     if int(rank) != rank or not 1 <= rank <= d:
         raise ValueError(f"rank must be an integer in [1, {d}], got {rank!r}")
     n = y.shape[0]
-    if init is None:  # PPCA of the least-squares (pinv) or back-projected (Aᵀ) images, ψ / measured share
+    if init is None:  # PPCA of the least-squares (pinv) or back-projected (Aᵀ) images, ψ raised to the energy
         back = torch.empty(n, d, dtype=torch.float64)
         for s in range(0, n, batch):
             idx = torch.arange(s, min(s + batch, n))
             op, yb = operator.select(idx), y[idx].to(torch.float64)
             try:
                 back[idx] = op.pinv(yb).reshape(len(idx), d)
-            except NotImplementedError:
+            except (NotImplementedError, AttributeError):  # no cheap exact pseudo-inverse
                 back[idx] = op.adjoint(yb).reshape(len(idx), d)
         init = _ppca_from_samples(back, rank, noise, shape)
-        # the back-projections miss the unmeasured share of each image's energy: ψ (what the rank-r part leaves)
-        # is scaled up by the measured share, so that EM starts near the right level instead of crawling to it
-        # (a missing-data EM moves unmeasured directions by only a (1 − share) fraction per iteration)
-        share = min(1.0, float(operator.num_observations().to(torch.float64).expand(n).mean()) / d)
-        init = GaussianPrior(init.mean, init.loading, (init.noise / max(share, 1e-3)).clamp_min(_PSI_FLOOR), shape)
+        # ψ from the back-projections alone is far too small where nothing is measured, which makes EM crawl up
+        # and K = A Σ Aᵀ + s² I ill-conditioned (CG at its cap); from above, ψ = the measurements' mean energy per
+        # measured value, EM descends steadily (measured on 32² phantoms through k-space at R = 4 and 8)
+        count = float(operator.num_observations().to(torch.float64).expand(n).sum())
+        var = max(float(y.to(torch.float64).pow(2).sum()) / max(count, 1.0), 1e-4)
+        init = GaussianPrior(init.mean, init.loading, init.noise.clamp_min(var), shape)
     prior = init
     history: list[float] = []
     for it in range(int(iters)):
