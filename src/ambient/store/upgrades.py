@@ -32,6 +32,7 @@ def em_section(em: dict, data: dict) -> dict:
     """A saved ``em`` section (``EMConfig.to_dict()``) as today's; ``data``: the same file's ``data`` section
     (the observations' fingerprint and shape)."""
     em = dict(em)
+    shape = data.get("shape") if isinstance(data, dict) else None
     # lap0: recorded since 2026-12-01 (38c025f, "--lap0"); runs from before drew exact Gaussian posterior samples
     if em and "lap0" not in em:
         em["lap0"] = "sample"
@@ -41,8 +42,19 @@ def em_section(em: dict, data: dict) -> dict:
     # gaussian_tol: since issue 24 (2026-12-04); runs from before ran all --gaussian-iters iterations
     if em and "gaussian_tol" not in em:
         em["gaussian_tol"] = None
+    # gaussian_tol: nats per observed value since 2026-12-04 (issue 24 item 1, SQUAREM fit; recorded as
+    # gaussian_tol_per "value"); runs from before gave nats per image: the same criterion divided by the observed
+    # values per image (the data's observed_share × pixels; all pixels when the share was not recorded)
+    if em and "gaussian_tol_per" not in em:
+        tol = em.get("gaussian_tol")
+        if isinstance(tol, (int, float)) and not isinstance(tol, bool):
+            pixels = math.prod(shape) if isinstance(shape, list) and all(isinstance(n, int) for n in shape) else None
+            share = data.get("observed_share") if isinstance(data, dict) else None
+            if pixels:
+                observed = pixels * share if isinstance(share, (int, float)) and 0 < share <= 1 else pixels
+                em["gaussian_tol"] = tol / max(observed, 1.0)
+        em["gaussian_tol_per"] = "value"
     # rank: recorded as used (at most the pixel count) since issue 22 (2026-12-04); before, as given
-    shape = data.get("shape") if isinstance(data, dict) else None
     if isinstance(shape, list) and all(isinstance(n, int) for n in shape) and isinstance(em.get("rank"), int):
         em["rank"] = min(em["rank"], math.prod(shape))
     return em
