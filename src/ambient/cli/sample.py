@@ -23,7 +23,9 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
               help="Number of images (--num-images also works under torchrun, whose parser would read --num "
                    "as its own --numa-binding).")
 @click.option("--out", "--outdir", "out", required=True,
-              help="A folder (PNGs) or a .npz (key 'images', N×H×W×C uint8).")
+              help="A folder (PNGs) or a .npz (key 'images', N×H×W×C uint8). A model trained on float or 16-bit "
+                   "data also gives its samples in the data's units: the .npz holds 'images' float32 in those "
+                   "units, 'value_range' and 'images_uint8'; a folder gets images_float.npz beside its PNGs.")
 @click.option("--seed", type=int, default=None, help="First seed; image i uses seed+i.  [default: 0]")
 @click.option("--seeds", "seeds_text", default=None,
               help="Seed list instead of --seed/--num: 0-49999 or 0,5,10-19; image i uses the i-th seed.")
@@ -78,8 +80,11 @@ def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance
     images = (sample_classes(loaded, seeds, classes, sample_distributed, **kwargs) if classes
               else sample_distributed(loaded, seeds, **kwargs))
     if images is not None:
-        path = write_samples(Path(out), images)
-        click.echo(f"wrote {len(seeds)} images to {path}")
+        value_range = loaded.value_range if loaded.float_data else None
+        path = write_samples(Path(out), images, value_range=value_range)
+        units = "" if value_range is None else (f" (float32 in the training data's units, "
+                                                f"{value_range[0]:g}..{value_range[1]:g} ↔ [-1, 1])")
+        click.echo(f"wrote {len(seeds)} images to {path}{units}")
 
 
 def register(group: click.Group) -> None:

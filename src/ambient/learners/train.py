@@ -45,7 +45,7 @@ from ambient.objectives.losses import sees_masks, training_loss
 from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
-from ambient.store.upgrades import train_section
+from ambient.store.upgrades import data_section, train_section
 from ambient.store.warmstart import load_init_weights
 
 
@@ -122,10 +122,16 @@ def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfi
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:
-    old_shape, new_shape = saved.get("data", {}).get("shape"), run_config["data"]["shape"]
+    old_data = data_section(saved.get("data", {}))
+    old_shape, new_shape = old_data.get("shape"), run_config["data"]["shape"]
     if old_shape is not None and list(old_shape) != list(new_shape):
         raise AmbientInputError(f"--data {cfg.data}: images are {'x'.join(map(str, new_shape))} (CxHxW) but the run "
                                 f"in {source} was trained on {'x'.join(map(str, old_shape))}; use another --outdir")
+    (olo, ohi), (lo, hi) = old_data["value_range"], run_config["data"]["value_range"]
+    if (float(olo), float(ohi)) != (float(lo), float(hi)):
+        raise AmbientInputError(f"--data {cfg.data}: its values {lo:g}..{hi:g} map to [-1, 1], but the run in "
+                                f"{source} was trained with {olo:g}..{ohi:g} ({old_data['dtype']} data); declare "
+                                f"value_range=[{olo:g}, {ohi:g}] in the data, or use another --outdir")
     check_resume_compatible(train_section(saved.get("train", {})), cfg.to_dict(), RESUMABLE_CHANGES, source)
 
 
@@ -213,7 +219,8 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
     spec = sampling_spec_for(cfg, data)
     run_config = {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "sampling": spec.to_dict(),
                   "data": {"num_images": len(data), "shape": list(data.shape),
-                           "has_data_masks": data.has_data_masks, "observed_share": data.observed_share}}
+                           "has_data_masks": data.has_data_masks, "observed_share": data.observed_share,
+                           "value_range": list(data.value_range), "dtype": data.kind}}
     net, ema, opt, state = _build_or_resume(cfg, model_cfg, run_config, source, device,
                                             log if env.rank == 0 else (lambda _m: None))
     if source is not None and state.nimg >= _total_nimg(cfg):  # finished, or --kimg lowered: change nothing
@@ -316,16 +323,18 @@ def dry_run(cfg: TrainConfig) -> str:
     cfg.validate()
     outdir = Path(cfg.outdir)
     claim_outdir(outdir, TRAIN_RUN, command="ambient train")  # a folder of another kind: refused here too
-    unlearnt = None
+    unlearnt, units = None, None
     try:
         source = _resume_source(cfg, outdir)
         cfg, data, law = _load_data_with_law(_resolve_loss_weighting(cfg, source), source)
         unlearnt = unlearnt_hole(cfg, data)
+        units = {"dtype": data.kind, "value_range": list(data.value_range), "notices": data.notices}
     except AmbientInputError as exc:
         why = " ".join(str(exc).split())
         law = (f"from the data's masks, once the data can be read ({why})" if cfg.mask_full_rgb is None else
                f"per {'pixel' if cfg.mask_full_rgb else 'channel'} (flag; the data could not be read: {why})")
-    return json.dumps({**cfg.to_dict(), "mask_law": law, "unlearnt_pixels": unlearnt}, indent=2, ensure_ascii=False)
+    return json.dumps({**cfg.to_dict(), "mask_law": law, "unlearnt_pixels": unlearnt, "data_units": units},
+                      indent=2, ensure_ascii=False)
 
 
 def unlearnt_hole(cfg: TrainConfig, data) -> str | None:

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 
 from ambient import distributed as dist_utils
-from ambient.data.images import float_to_uint8, save_grid, save_images_folder, save_images_npz
+from ambient.data.images import (
+    float_to_uint8,
+    save_float_images_npz,
+    save_grid,
+    save_images_folder,
+    save_images_npz,
+)
 from ambient.errors import AmbientInputError
 from ambient.folders import describe, folder_kind
 from ambient.io import atomic_folder
@@ -113,17 +119,31 @@ def grid_path_for(out: Path) -> Path:
     return out.with_name(out.stem + "_grid.png") if out.suffix == ".npz" else out.with_name(out.name + "_grid.png")
 
 
-def write_samples(out: str | os.PathLike, images: torch.Tensor) -> Path:
-    """Write uint8 images to ``out`` (.npz → key ``images`` (N,H,W,C); else a folder of PNGs) and a grid
-    PNG beside it. Nothing is left half-written: the npz is renamed into place, the folder is built
-    under a temporary name and renamed."""
+FLOAT_NPZ = "images_float.npz"  # in a folder of samples of a model trained on float data
+
+
+def write_samples(out: str | os.PathLike, images: torch.Tensor,
+                  value_range: tuple[float, float] | None = None) -> Path:
+    """Write images (model units) to ``out`` (.npz → key ``images`` (N,H,W,C) uint8; else a folder of PNGs) and
+    a grid PNG beside it. Nothing is left half-written: the npz is renamed into place, the folder is built
+    under a temporary name and renamed.
+
+    With ``value_range`` (a model trained on non-uint8 data) the samples are also given in the data's own units
+    (:func:`ambient.data.images.save_float_images_npz`): the .npz then holds ``images`` float32 (N,H,W,C) in those
+    units, ``value_range`` and ``images_uint8`` (what it holds otherwise); a folder gets ``images_float.npz``
+    beside its PNGs."""
     out = Path(out)
     u8 = float_to_uint8(images)
     if out.suffix == ".npz":
-        save_images_npz(out, u8)
+        if value_range is not None:
+            save_float_images_npz(out, images, value_range)
+        else:
+            save_images_npz(out, u8)
     else:
         with atomic_folder(out, flag="--out") as tmp:
             save_images_folder(tmp, u8)
+            if value_range is not None:
+                save_float_images_npz(Path(tmp) / FLOAT_NPZ, images, value_range)
     if len(u8):
         save_grid(grid_path_for(out), u8[:64], nrow=max(1, math.ceil(math.sqrt(min(len(u8), 64)))), padding=1)
     return out

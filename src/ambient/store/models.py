@@ -23,7 +23,7 @@ from ambient.io import read_json
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.store.snapshots import latest_snapshot, load_snapshot
 from ambient.store.statedict import load_state_dict_strict
-from ambient.store.upgrades import mask_law_notice, sampling_section
+from ambient.store.upgrades import data_section, mask_law_notice, sampling_section
 
 # A run folder that holds models in subfolders names the one to use in this file: {"model": "<subfolder>"}.
 MODEL_POINTER = "model_pointer.json"
@@ -69,6 +69,20 @@ class LoadedModel:
     config: dict
     path: Path
     image_shape: tuple[int, int, int] = (1, 28, 28)
+    value_range: tuple[float, float] = (0.0, 255.0)  # the training data's values that map to [-1, 1]
+    data_dtype: str = "uint8"  # the training data's dtype ("uint8", "uint16", "float32", ...)
+
+    @property
+    def float_data(self) -> bool:
+        """True when the model was trained on non-uint8 data: its outputs belong in ``value_range``'s units."""
+        return self.data_dtype != "uint8"
+
+
+def data_units(config: dict) -> tuple[tuple[float, float], str]:
+    """(value_range, dtype) of the data a saved model config was trained on (old folders: uint8, (0, 255))."""
+    data = data_section(config.get("data", {}) if isinstance(config, dict) else {})
+    lo, hi = (float(v) for v in data["value_range"])
+    return (lo, hi), str(data["dtype"])
 
 
 def reimport_hint(loaded: LoadedModel) -> str:
@@ -99,7 +113,7 @@ def _load_finetuned(p: Path, device) -> LoadedModel:
     spec = SamplingSpec.from_dict(sampling_section(cfg["sampling"]))
     shape = tuple(int(v) for v in cfg["model"]["image_shape"])
     _notify_legacy(spec, shape[0], p)
-    return LoadedModel(den, None, spec, cfg, p, shape)
+    return LoadedModel(den, None, spec, cfg, p, shape, *data_units(cfg))
 
 
 def _notify_legacy(spec: SamplingSpec, img_channels: int, where: Path) -> None:
@@ -134,4 +148,8 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | t
     den.to(device).eval().requires_grad_(False)
     shape = (model_cfg.img_channels, model_cfg.resolution, model_cfg.resolution)
     _notify_legacy(spec, model_cfg.img_channels, snap_dir)
-    return LoadedModel(den, model_cfg, spec, cfg, snap_dir, shape)
+    try:
+        units = data_units(cfg)
+    except (TypeError, ValueError) as exc:
+        raise AmbientInputError(f"{snap_dir / 'config.json'}: bad data section ({exc})") from None
+    return LoadedModel(den, model_cfg, spec, cfg, snap_dir, shape, *units)

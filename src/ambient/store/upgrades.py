@@ -6,7 +6,8 @@ Whoever reads a saved config calls the function of its section first, and nowher
 old folders' gaps:
 
 * a train snapshot's or run's ``config.json``: ``train`` → :func:`train_section` (resume), ``sampling``
-  → :func:`sampling_section` (:func:`ambient.store.models.load_model`, also for finetuned exports);
+  → :func:`sampling_section` (:func:`ambient.store.models.load_model`, also for finetuned exports), ``data``
+  → :func:`data_section` (resume, :func:`ambient.store.models.load_model`);
 * an em run's ``em_config.json``: ``em`` → :func:`em_section` (resume).
 
 Fields a saved run never recorded and no rule fills in are not compared on resume
@@ -26,6 +27,19 @@ def train_section(train: dict) -> dict:
         return train
     # loss_weighting: recorded since 2026-12-01 (4d2df32, "--loss-weighting"); runs from before trained with edm
     return {**train, "loss_weighting": train.get("loss_weighting") or "edm"}
+
+
+def data_section(data: dict) -> dict:
+    """A saved ``data`` section (the training data's facts) as today's: ``value_range`` and ``dtype`` filled in.
+
+    Sections without them (or no section: imported models, finetuned exports) are uint8 data, (0, 255)."""
+    data = dict(data) if isinstance(data, dict) else {}
+    # value_range, dtype: recorded since issue 25 (float data); runs from before read uint8 images only
+    if "value_range" not in data:
+        data["value_range"] = [0.0, 255.0]
+    if "dtype" not in data:
+        data["dtype"] = "uint8"
+    return data
 
 
 def em_section(em: dict, data: dict) -> dict:
