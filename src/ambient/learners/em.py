@@ -42,16 +42,24 @@ from ambient.errors import AmbientInputError
 from ambient.folders import EM_RUN, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl, read_npz
 from ambient.learners.core import check_resume_compatible
-from ambient.learners.gaussian_prior import NOISES, GaussianPrior, fit_gaussian
+from ambient.learners.gaussian_prior import (
+    NOISES,
+    GaussianPrior,
+    fit_gaussian,
+    fit_gaussian_operator,
+    operator_posterior,
+)
 from ambient.learners.train_config import TrainConfig
 from ambient.nets.registry import ARCHS
+from ambient.operators.measurements import Measurements, is_measurements_file, load_measurements
 from ambient.rng import EM_DRAW_STREAM, EM_GFIT_STREAM, EM_MSTEP_STREAM, EM_SUBSET_STREAM, mix_seed
-from ambient.sampling.posterior import ambient_mean, mmps_samples
+from ambient.sampling.posterior import ambient_mean, mmps_operator_samples, mmps_samples
 from ambient.sampling.solvers import SOLVERS
 from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 from ambient.store.upgrades import em_section
 
 LAP0 = ("mean", "sample")
+CLIP = 2.0  # operator runs: completions clipped to [-CLIP, CLIP] in model units (the value range ± half its width)
 REDRAWS = ("rotate", "random")
 # Fields that may change when a run is resumed; every other field must match the saved run.
 # gaussian_iters/gaussian_tol act once, when lap 0 fits the Gaussian (then saved as gaussian.npz)
@@ -158,6 +166,10 @@ class EMRun:
         resolve_device(cfg.device)  # checked now, not at the first M-step (after lap 0 wrote its files)
         self.log = log
         self.progress = progress
+        self.meas: Measurements | None = None
+        if is_measurements_file(cfg.data):
+            self._init_measurements()
+            return
         data = load_observations(cfg)
         if not data.has_data_masks and cfg.corruption_probability == 0:
             raise AmbientInputError(f"--data {cfg.data}: no masks and --corruption-probability 0, so nothing is "
@@ -179,6 +191,43 @@ class EMRun:
             log(f"notice: --rank {self.cfg.rank}: the observations have {pixels} pixels; using rank {pixels}")
             self.cfg = replace(self.cfg, rank=pixels)
         self._check_resume()
+
+    def _init_measurements(self) -> None:
+        """Observations y = A x + σ_y n through any operator (a measurements .npz): no masks, no --init."""
+        cfg = self.cfg
+        if cfg.corruption_probability:
+            raise AmbientInputError(f"--corruption-probability {cfg.corruption_probability:g}: --data {cfg.data} "
+                                    "holds measurements with their operator, which say what was observed; leave it 0")
+        if cfg.init is not None:
+            raise AmbientInputError(f"--init {cfg.init}: starts from an ambient model's posterior mean, which exists "
+                                    f"for masked observations only; --data {cfg.data} holds operator measurements")
+        meas = load_measurements(cfg.data, max_size=cfg.max_size)
+        if cfg.estep_size is not None and cfg.estep_size > len(meas):
+            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(meas)} observations "
+                                    f"in --data {cfg.data}")
+        self.meas, self.data, self.init_model = meas, meas, None
+        self.y, self.mask = meas.y, None
+        self.meta = {"fingerprint": meas.fingerprint(), "num_images": len(meas), "shape": list(meas.shape),
+                     "operator": meas.spec.get("kind"), "value_range": list(meas.value_range),
+                     "sigma_y": meas.sigma_y}
+        pixels = int(np.prod(meas.shape))
+        if self.cfg.rank > pixels:
+            self.log(f"notice: --rank {self.cfg.rank}: the images have {pixels} pixels; using rank {pixels}")
+            self.cfg = replace(self.cfg, rank=pixels)
+        self.log(f"measurements: {len(meas)} observations through a {meas.spec.get('kind')} operator, images "
+                 f"{'x'.join(str(v) for v in meas.shape)}, σ_y = {meas.sigma_y:.3g} in model units, values "
+                 f"{meas.value_range[0]:g}..{meas.value_range[1]:g} ↔ [-1, 1]")
+        self._check_resume()
+
+    def save_completions(self, out: Path, images: torch.Tensor, index: torch.Tensor) -> None:
+        """A lap's completed images (model units): uint8 for masked observations (as before), float32 in the
+        measurements' own units with their ``value_range`` for operator data (what the M-step reads)."""
+        if self.meas is None:
+            atomic_save_npz(out, images=to_hwc(images), index=index.numpy())
+            return
+        x = self.meas.to_original(images.to(torch.float64).clamp(-CLIP, CLIP)).to(torch.float32)  # see estep
+        atomic_save_npz(out, images=x.permute(0, 2, 3, 1).contiguous().numpy(), index=index.numpy(),
+                        value_range=np.asarray(self.meas.value_range, dtype=np.float64))
 
     def _load_init(self):
         try:
@@ -214,7 +263,8 @@ class EMRun:
             fresh = read_npz(self.completions_path(lap))
             images = pool["images"].copy()
             images[fresh["index"]] = fresh["images"]
-            atomic_save_npz(path, images=images, index=pool["index"])
+            extra = {"value_range": pool["value_range"]} if "value_range" in pool else {}
+            atomic_save_npz(path, images=images, index=pool["index"], **extra)
         return path
 
     def redrawn(self, lap: int) -> torch.Tensor:
@@ -299,6 +349,8 @@ class EMRun:
         """Lap 0's E-step: fit (or reload) the Gaussian prior, then complete the observations with its posterior
         mean or draws (or with the --init model's posterior mean; then the Gaussian is fitted only for draws)."""
         cfg, started = self.cfg, time.perf_counter()
+        if self.meas is not None:
+            return self.gaussian_lap_operator()
         prior, history = (None, [None]) if self.init_model is not None and cfg.lap0 == "mean" else self.gaussian()
         out = self.completions_path(0)
         size = None if cfg.pool else cfg.estep_size  # Gaussian: cheap
@@ -313,7 +365,7 @@ class EMRun:
                 if cfg.lap0 == "sample":  # + the Gaussian posterior's residual (draw minus its mean)
                     done = done + prior.sample_posterior(y, mask, seeds) - prior.posterior_mean(y, mask)
             done = (mask * y + (1 - mask) * done).float()
-            atomic_save_npz(out, images=to_hwc(done), index=idx.numpy())
+            self.save_completions(out, done, idx)
         return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
                 "estep_vjp": 0, "gaussian_loglik": history[-1], "gaussian_rank": prior.rank if prior else None}
 
@@ -335,6 +387,42 @@ class EMRun:
         atomic_save_npz(path, **prior.to_arrays(), loglik=np.asarray(history))
         return prior, history
 
+    def gaussian_lap_operator(self) -> dict:
+        """Lap 0 for operator measurements: the Gaussian fitted by Monte-Carlo EM, then its posterior draws (or
+        mean) by conjugate gradients through the operator."""
+        cfg, started = self.cfg, time.perf_counter()
+        prior, history = self.gaussian_operator()
+        out = self.completions_path(0)
+        idx = subset(len(self.meas), None if cfg.pool else cfg.estep_size, EM_SUBSET_STREAM, cfg.seed, 0)
+        if not out.is_file():
+            done = []
+            for s in range(0, len(idx), 256):
+                chunk = idx[s:s + 256]
+                y, op = self.meas.batch(chunk)
+                seeds = [mix_seed(EM_DRAW_STREAM, cfg.seed, 0, i) for i in chunk.tolist()]
+                x, _ = operator_posterior(prior, y, op, seeds=seeds if cfg.lap0 == "sample" else None)
+                done.append(x)
+            self.save_completions(out, torch.cat(done), idx)
+        return {"estep_seconds": time.perf_counter() - started, "estep_images": len(idx), "estep_forward": 0,
+                "estep_vjp": 0, "gaussian_change": history[-1] if history else None, "gaussian_rank": prior.rank}
+
+    def gaussian_operator(self) -> tuple[GaussianPrior, list[float]]:
+        """The lap-0 Gaussian for operator measurements (Monte-Carlo EM: no likelihood to stop on, so it runs
+        --gaussian-iters iterations; the log gives the covariance's relative change per iteration)."""
+        cfg, path = self.cfg, self.root / "gaussian.npz"
+        if path.is_file():
+            z = read_npz(path)
+            return GaussianPrior.from_arrays(z), [float(v) for v in z["change"]]
+        fit = subset(len(self.meas), cfg.gaussian_size, EM_GFIT_STREAM, cfg.seed)
+        y, op = self.meas.batch(fit)
+        prior, history = fit_gaussian_operator(
+            y, op, cfg.rank, cfg.gaussian_iters, noise=cfg.gaussian_noise, seed=mix_seed(EM_GFIT_STREAM, cfg.seed, 1),
+            callback=lambda i, c: self.log(f"gaussian EM {i} (Monte Carlo): covariance moved {c:.4f}"))
+        self.log(f"gaussian fit: {len(history)} Monte-Carlo EM iterations on {len(fit)} observations "
+                 f"(--gaussian-iters); last relative change {history[-1] if history else float('nan'):.4f}")
+        atomic_save_npz(path, **prior.to_arrays(), change=np.asarray(history, dtype=np.float64))
+        return prior, history
+
     def estep(self, lap: int) -> dict:
         """Lap ``lap``'s E-step with the model of lap − 1, a batch at a time (finished batches kept)."""
         cfg = self.cfg
@@ -352,23 +440,45 @@ class EMRun:
                     continue
                 t0 = time.perf_counter()
                 seeds = [mix_seed(EM_DRAW_STREAM, cfg.seed, lap, i) for i in chunk.tolist()]
-                images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device), self.mask[chunk].to(device),
-                                             seeds, steps=cfg.steps, cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y,
-                                             solver=cfg.solver)
-                atomic_save_npz(part, images=to_hwc(images.cpu()), seconds=np.float64(time.perf_counter() - t0),
-                                forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]))
+                if self.meas is None:
+                    images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device),
+                                                 self.mask[chunk].to(device), seeds, steps=cfg.steps,
+                                                 cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y, solver=cfg.solver)
+                    stored = to_hwc(images.cpu())
+                else:  # σ_y: the data's own, or --sigma-y where that is larger (a floor that keeps CG stable)
+                    y, op = self.meas.batch(chunk)
+                    images, calls = mmps_operator_samples(loaded.denoiser, y.to(device, torch.float32),
+                                                          op.to(device), seeds, steps=cfg.steps,
+                                                          cg_iters=cfg.cg_iters, sigma_y=max(op.sigma_y, cfg.sigma_y),
+                                                          solver=cfg.solver)
+                    # uint8 storage clips masked runs' completions to [-1, 1]; float ones are clipped to the value
+                    # range widened by half its width each side, so that a diverging draw (an undertrained lap's
+                    # Jacobian can make MMPS's CG step explode) cannot wreck the M-step; the share is recorded
+                    clipped = int((images.abs() > CLIP).sum())
+                    x = self.meas.to_original(images.cpu().to(torch.float64).clamp(-CLIP, CLIP)).to(torch.float32)
+                    stored = x.permute(0, 2, 3, 1).contiguous().numpy()
+                    calls = {**calls, "clipped": clipped}
+                atomic_save_npz(part, images=stored, seconds=np.float64(time.perf_counter() - t0),
+                                forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]),
+                                clipped=np.int64(calls.get("clipped", 0)))
                 if self.progress:
                     self.log(f"lap {lap} E-step: {min((k + 1) * cfg.estep_batch, len(idx))}/{len(idx)} images")
             loaded_parts = [read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
             stats = {"estep_seconds": float(sum(p["seconds"] for p in loaded_parts)),
                      "estep_forward": int(sum(p["forward"] for p in loaded_parts)),
-                     "estep_vjp": int(sum(p["vjp"] for p in loaded_parts)), "estep_images": len(idx)}
+                     "estep_vjp": int(sum(p["vjp"] for p in loaded_parts)), "estep_images": len(idx),
+                     "estep_clipped": int(sum(p.get("clipped", 0) for p in loaded_parts))}
+            if stats["estep_clipped"]:
+                share = stats["estep_clipped"] / max(1, len(idx) * int(np.prod(self.data.shape)))
+                self.log(f"notice: lap {lap} E-step: {share:.2%} of the completed values diverged beyond the data's "
+                         f"range and were clipped (more CG iterations, --cg-iters, or a longer lap 0 may help)")
+            extra = {} if self.meas is None else {"value_range": np.asarray(self.meas.value_range, dtype=np.float64)}
             atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
-                            **{k: np.asarray(v) for k, v in stats.items()})
+                            **{k: np.asarray(v) for k, v in stats.items()}, **extra)
             shutil.rmtree(parts, ignore_errors=True)
         z = read_npz(out)
         return {k: (int(z[k]) if k != "estep_seconds" else float(z[k]))
-                for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images")}
+                for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images", "estep_clipped") if k in z}
 
     def train_config(self, lap: int) -> TrainConfig:
         cfg = self.cfg
