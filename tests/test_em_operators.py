@@ -94,3 +94,21 @@ def test_refuses_mask_only_options(tmp_path, capsys, extra, want):
     code, _, err = run(["em", "--data", str(data), "--outdir", str(tmp_path / "run"), *TINY, *extra], capsys)
     assert code == 2 and want in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_masked_float_data_keeps_its_units_in_completions_and_restorations(tmp_path, capsys):
+    """Float images with masks (not an operator file): completions are stored as float32 in the data's units."""
+    x = images(24).numpy()[:, 0].astype(np.float32)
+    rng = np.random.default_rng(1)
+    data = tmp_path / "obs.npz"
+    np.savez(data, images=x, masks=(rng.random(x.shape) < 0.5).astype(np.uint8), value_range=[LO, HI])
+    code, _, err = run(["em", "--data", str(data), "--outdir", str(tmp_path / "run"), *TINY], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "run" / "completions" / "lap-01.npz") as z:
+        assert z["images"].dtype == np.float32 and z["value_range"].tolist() == [LO, HI]
+        assert z["images"].min() >= LO - (HI - LO) / 2 - 1e-3 and z["images"].max() <= HI + (HI - LO) / 2 + 1e-3
+    code, out, err = run(["restore", "--model", str(tmp_path / "run"), "--data", str(data), "--steps", "3",
+                          "--out", str(tmp_path / "r.npz")], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "r.npz") as r:
+        assert r["images_float"].dtype == np.float32 and r["value_range"].tolist() == [LO, HI]

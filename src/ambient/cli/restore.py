@@ -61,7 +61,7 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
         first = list(range(min(8, len(observations))))
         shown = observations.zero_filled(first) if measured else observations.batch(first)[0]
         path = write_restored(out, result, shown, num_per_image,
-                              value_range=observations.value_range if measured else None)
+                              value_range=observations.value_range if measured or not observations.is_uint8 else None)
         click.echo(f"wrote {len(result.images)} restorations of {len(observations)} observations to {path} "
                    f"({result.seconds:.1f} s)")
         if result.consistency is not None:

@@ -183,7 +183,7 @@ class EMRun:
                                     f"in --data {cfg.data}")
         self.data = data
         self.y, self.mask = data.batch(torch.arange(len(data)))
-        self.meta = {"fingerprint": fingerprint(self.y, self.mask), "num_images": len(data),
+        self.meta = {"fingerprint": fingerprint(self.y, self.mask, exact=not data.is_uint8), "num_images": len(data),
                      "shape": list(data.shape), "observed_share": float(self.mask.mean())}
         self.init_model = self._load_init() if cfg.init is not None else None
         pixels = self.y[0].numel()
@@ -222,12 +222,27 @@ class EMRun:
     def save_completions(self, out: Path, images: torch.Tensor, index: torch.Tensor) -> None:
         """A lap's completed images (model units): uint8 for masked observations (as before), float32 in the
         measurements' own units with their ``value_range`` for operator data (what the M-step reads)."""
-        if self.meas is None:
-            atomic_save_npz(out, images=to_hwc(images), index=index.numpy())
-            return
-        x = self.meas.to_original(images.to(torch.float64).clamp(-CLIP, CLIP)).to(torch.float32)  # see estep
-        atomic_save_npz(out, images=x.permute(0, 2, 3, 1).contiguous().numpy(), index=index.numpy(),
-                        value_range=np.asarray(self.meas.value_range, dtype=np.float64))
+        atomic_save_npz(out, images=self.stored(images), index=index.numpy(), **self.units())
+
+    def float_units(self) -> tuple[float, float] | None:
+        """The data's own value range when completions are stored as floats (operator or float data), else None."""
+        if self.meas is not None:
+            return tuple(self.meas.value_range)
+        return None if self.data.is_uint8 else tuple(self.data.value_range)
+
+    def units(self) -> dict:
+        vr = self.float_units()
+        return {} if vr is None else {"value_range": np.asarray(vr, dtype=np.float64)}
+
+    def stored(self, images: torch.Tensor) -> np.ndarray:
+        """Model-unit images as a lap's completions are stored: uint8 (as before) for uint8 data, else float32 in
+        the data's units, clipped to the range ± half its width (see :data:`CLIP`)."""
+        vr = self.float_units()
+        if vr is None:
+            return to_hwc(images)
+        lo, hi = vr
+        x = (images.to(torch.float64).clamp(-CLIP, CLIP) + 1) * ((hi - lo) / 2) + lo
+        return x.to(torch.float32).permute(0, 2, 3, 1).contiguous().numpy()
 
     def _load_init(self):
         try:
@@ -444,7 +459,8 @@ class EMRun:
                     images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device),
                                                  self.mask[chunk].to(device), seeds, steps=cfg.steps,
                                                  cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y, solver=cfg.solver)
-                    stored = to_hwc(images.cpu())
+                    stored = self.stored(images.cpu())
+                    calls = {**calls, "clipped": int((images.abs() > CLIP).sum()) if self.float_units() else 0}
                 else:  # σ_y: the data's own, or --sigma-y where that is larger (a floor that keeps CG stable)
                     y, op = self.meas.batch(chunk)
                     images, calls = mmps_operator_samples(loaded.denoiser, y.to(device, torch.float32),
@@ -454,10 +470,8 @@ class EMRun:
                     # uint8 storage clips masked runs' completions to [-1, 1]; float ones are clipped to the value
                     # range widened by half its width each side, so that a diverging draw (an undertrained lap's
                     # Jacobian can make MMPS's CG step explode) cannot wreck the M-step; the share is recorded
-                    clipped = int((images.abs() > CLIP).sum())
-                    x = self.meas.to_original(images.cpu().to(torch.float64).clamp(-CLIP, CLIP)).to(torch.float32)
-                    stored = x.permute(0, 2, 3, 1).contiguous().numpy()
-                    calls = {**calls, "clipped": clipped}
+                    stored = self.stored(images.cpu())
+                    calls = {**calls, "clipped": int((images.abs() > CLIP).sum())}
                 atomic_save_npz(part, images=stored, seconds=np.float64(time.perf_counter() - t0),
                                 forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]),
                                 clipped=np.int64(calls.get("clipped", 0)))
@@ -472,7 +486,7 @@ class EMRun:
                 share = stats["estep_clipped"] / max(1, len(idx) * int(np.prod(self.data.shape)))
                 self.log(f"notice: lap {lap} E-step: {share:.2%} of the completed values diverged beyond the data's "
                          f"range and were clipped (more CG iterations, --cg-iters, or a longer lap 0 may help)")
-            extra = {} if self.meas is None else {"value_range": np.asarray(self.meas.value_range, dtype=np.float64)}
+            extra = self.units()
             atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
                             **{k: np.asarray(v) for k, v in stats.items()}, **extra)
             shutil.rmtree(parts, ignore_errors=True)
@@ -503,10 +517,12 @@ def run_em(cfg: EMConfig, *, log: Callable[[str], None] = print, progress: bool 
     return EMRun(replace(cfg), log=log, progress=progress).run()
 
 
-def fingerprint(y: torch.Tensor, mask: torch.Tensor) -> str:
+def fingerprint(y: torch.Tensor, mask: torch.Tensor, exact: bool = False) -> str:
+    """The observations' identity: uint8 pixels (uint8 data, as always) or float32 ones (``exact``: float data,
+    whose 8-bit rounding would not tell two data sets apart)."""
     h = hashlib.sha256()
     h.update(str(tuple(y.shape)).encode())
-    h.update(float_to_uint8(y).numpy().tobytes())
+    h.update((y.to(torch.float32) if exact else float_to_uint8(y)).numpy().tobytes())
     h.update(mask.to(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
