@@ -22,6 +22,9 @@ FURTHER_STREAM = 0xB0C5  # a further mask Ã fixed per image (the paper's varian
 SAMPLER_STREAM = 0x7E57  # the fixed-mask sampler's mask of a sample: (seed)
 PHANTOM_STREAM = 0xF4A7  # the ellipses and textures of procedural phantom i: (seed, i)
 
+# simulated measurements (ambient.operators.simulate, `ambient measure`)
+MEASURE_STREAM = 0x3EA5  # `ambient measure`: k-space line masks (seed, 0) as cartesian_mask's seed; noise (seed, 1, i)
+
 # sampling (ambient.sampling)
 NOISE_STREAM = 0x5EED  # a sample's starting and churn noise, `ambient sample` and `ambient restore`: (seed)
 
