@@ -28,7 +28,7 @@ def cli() -> None:
 def _register() -> None:
     import importlib
 
-    for name in ("train", "sample", "demo", "eval", "neighbors", "finetune", "importer", "restore", "em"):
+    for name in ("train", "sample", "demo", "eval", "neighbors", "finetune", "importer", "restore", "em", "measure"):
         try:
             module = importlib.import_module(f"ambient.cli.{name}")
         except ModuleNotFoundError as exc:  # a command whose module is not written yet
