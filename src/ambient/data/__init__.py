@@ -1,8 +1,9 @@
 """Data: how images are read and how they are corrupted.
 
 Modules: ``corruption`` (mask laws A and Ã, per-image seeded), ``readers`` (npz, image folders,
-Fashion-MNIST, digits), ``images`` (uint8 ↔ float, PNG grids), ``datasets`` (``ImageDataset``: images,
-masks, labels, augmentation).
+Fashion-MNIST, digits; uint8, uint16 and float data with their value range), ``images`` (uint8 ↔ float, data
+units ↔ [-1, 1], PNG grids), ``datasets`` (``ImageDataset``: images, masks, labels, augmentation), ``phantoms``
+(procedural MRI-like head phantoms).
 """
 
 from ambient.data.corruption import Corruption

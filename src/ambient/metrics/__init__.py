@@ -2,7 +2,8 @@
 
 Modules: ``inception`` (the feature network and its preprocessing), ``features`` (batched,
 cached featurisation), ``fid`` (FID, KID, statistics files), ``swd``, ``neighbors`` (nearest
-training images), ``plots`` (PIL figures), ``evaluate`` (whole evaluations from data specs).
+training images), ``plots`` (PIL figures), ``evaluate`` (whole evaluations from data specs), ``quality``
+(PSNR and SSIM of restorations against references).
 """
 
 from ambient.metrics.fid import FeatureSet, compute_fid, compute_kid, feature_stats, fid_from_features
