@@ -68,6 +68,8 @@ BASE = {
     "restore": ["--model", "@naive-run", "--data", "@obs.npz", "--out", "@new/out.npz", "--steps", "2",
                 "--cg-iters", "1", "--max-size", "2", "--device", "cpu"],
     "em": ["--data", "@obs.npz", "--outdir", "@new/out", *TINY_EM],
+    "measure": ["--data", "@data.npz", "--operator", "kspace", "--acceleration", "2", "--center-fraction", "0.25",
+                "--out", "@new/out.npz"],
 }
 
 TINY_DDPMPP = ["--arch", "ddpmpp-cifar", "--arch-kwargs",
