@@ -178,18 +178,12 @@ class EMRun:
         if notice:
             log(notice)
         _ = data.resolution  # non-square images: a one-line error now, not after lap 0
-        if cfg.estep_size is not None and cfg.estep_size > len(data):
-            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(data)} observations "
-                                    f"in --data {cfg.data}")
+        self._check_sizes(len(data), data.shape)
         self.data = data
         self.y, self.mask = data.batch(torch.arange(len(data)))
         self.meta = {"fingerprint": fingerprint(self.y, self.mask, exact=not data.is_uint8), "num_images": len(data),
                      "shape": list(data.shape), "observed_share": float(self.mask.mean())}
         self.init_model = self._load_init() if cfg.init is not None else None
-        pixels = self.y[0].numel()
-        if self.cfg.rank > pixels:  # the Gaussian's rank cannot exceed the pixel count: record the rank used
-            log(f"notice: --rank {self.cfg.rank}: the observations have {pixels} pixels; using rank {pixels}")
-            self.cfg = replace(self.cfg, rank=pixels)
         self._check_resume()
 
     def _init_measurements(self) -> None:
@@ -202,22 +196,27 @@ class EMRun:
             raise AmbientInputError(f"--init {cfg.init}: starts from an ambient model's posterior mean, which exists "
                                     f"for masked observations only; --data {cfg.data} holds operator measurements")
         meas = load_measurements(cfg.data, max_size=cfg.max_size)
-        if cfg.estep_size is not None and cfg.estep_size > len(meas):
-            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {len(meas)} observations "
-                                    f"in --data {cfg.data}")
+        self._check_sizes(len(meas), meas.shape)
         self.meas, self.data, self.init_model = meas, meas, None
         self.y, self.mask = meas.y, None
         self.meta = {"fingerprint": meas.fingerprint(), "num_images": len(meas), "shape": list(meas.shape),
                      "operator": meas.spec.get("kind"), "value_range": list(meas.value_range),
                      "sigma_y": meas.sigma_y}
-        pixels = int(np.prod(meas.shape))
-        if self.cfg.rank > pixels:
-            self.log(f"notice: --rank {self.cfg.rank}: the images have {pixels} pixels; using rank {pixels}")
-            self.cfg = replace(self.cfg, rank=pixels)
         self.log(f"measurements: {len(meas)} observations through a {meas.spec.get('kind')} operator, images "
                  f"{'x'.join(str(v) for v in meas.shape)}, σ_y = {meas.sigma_y:.3g} in model units, values "
                  f"{meas.value_range[0]:g}..{meas.value_range[1]:g} ↔ [-1, 1]")
         self._check_resume()
+
+    def _check_sizes(self, num: int, shape) -> None:
+        """--estep-size within the observations; the Gaussian's rank capped at the pixel count (recorded)."""
+        cfg = self.cfg
+        if cfg.estep_size is not None and cfg.estep_size > num:
+            raise AmbientInputError(f"--estep-size {cfg.estep_size}: larger than the {num} observations "
+                                    f"in --data {cfg.data}")
+        pixels = int(np.prod(shape))
+        if cfg.rank > pixels:
+            self.log(f"notice: --rank {cfg.rank}: the observations have {pixels} pixels; using rank {pixels}")
+            self.cfg = replace(cfg, rank=pixels)
 
     def save_completions(self, out: Path, images: torch.Tensor, index: torch.Tensor) -> None:
         """A lap's completed images (model units): uint8 for masked observations (as before), float32 in the
@@ -459,22 +458,17 @@ class EMRun:
                     images, calls = mmps_samples(loaded.denoiser, self.y[chunk].to(device),
                                                  self.mask[chunk].to(device), seeds, steps=cfg.steps,
                                                  cg_iters=cfg.cg_iters, sigma_y=cfg.sigma_y, solver=cfg.solver)
-                    stored = self.stored(images.cpu())
-                    calls = {**calls, "clipped": int((images.abs() > CLIP).sum()) if self.float_units() else 0}
                 else:  # σ_y: the data's own, or --sigma-y where that is larger (a floor that keeps CG stable)
                     y, op = self.meas.batch(chunk)
                     images, calls = mmps_operator_samples(loaded.denoiser, y.to(device, torch.float32),
                                                           op.to(device), seeds, steps=cfg.steps,
                                                           cg_iters=cfg.cg_iters, sigma_y=max(op.sigma_y, cfg.sigma_y),
                                                           solver=cfg.solver)
-                    # uint8 storage clips masked runs' completions to [-1, 1]; float ones are clipped to the value
-                    # range widened by half its width each side, so that a diverging draw (an undertrained lap's
-                    # Jacobian can make MMPS's CG step explode) cannot wreck the M-step; the share is recorded
-                    stored = self.stored(images.cpu())
-                    calls = {**calls, "clipped": int((images.abs() > CLIP).sum())}
+                stored = self.stored(images.cpu())  # float completions clipped (see stored): count what was
+                clipped = int((images.abs() > CLIP).sum()) if self.float_units() else 0
                 atomic_save_npz(part, images=stored, seconds=np.float64(time.perf_counter() - t0),
                                 forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]),
-                                clipped=np.int64(calls.get("clipped", 0)))
+                                clipped=np.int64(clipped))
                 if self.progress:
                     self.log(f"lap {lap} E-step: {min((k + 1) * cfg.estep_batch, len(idx))}/{len(idx)} images")
             loaded_parts = [read_npz(parts / f"part-{k:05d}.npz") for k in range(len(chunks))]
