@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ambient.rng import POSTERIOR_STREAM, mix_seed
+from ambient.sampling.posterior import conjugate_gradient
 
 NOISES = ("diagonal", "isotropic")
 _PSI_FLOOR = 1e-6
@@ -370,41 +371,6 @@ def _cov_apply(prior: GaussianPrior, v: torch.Tensor) -> torch.Tensor:
     return (v @ prior.loading) @ prior.loading.T + prior.noise * v
 
 
-def _batched_cg(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
-                tol: float) -> tuple[torch.Tensor, int]:
-    """Solve apply(v) = b for each sample of a batch (symmetric positive semi-definite ``apply``) by conjugate
-    gradients from v = 0; a sample stops changing once its residual is below ``tol`` · ‖b‖ (or its curvature
-    vanishes). Returns (v, iterations run)."""
-    def dot(a, c):
-        return (a * c).flatten(1).sum(1)
-
-    def shaped(t):
-        return t.reshape(-1, *([1] * (b.ndim - 1)))
-
-    v = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = dot(r, r)
-    stop = (tol * tol) * rr
-    done = 0
-    for it in range(int(iters)):
-        active = rr > stop
-        if not bool(active.any()):
-            break
-        ap = apply(p)
-        pap = dot(p, ap)
-        active = active & (pap > 0)
-        alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(rr))
-        v = v + shaped(alpha) * p
-        r = r - shaped(alpha) * ap
-        rr_new = dot(r, r)
-        beta = torch.where(active, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = r + shaped(beta) * p
-        rr = torch.where(active, rr_new, rr)
-        done = it + 1
-    return v, done
-
-
 def operator_posterior(prior: GaussianPrior, y: torch.Tensor, operator, *, sigma_y: float | None = None,
                        seeds: Sequence[int] | None = None, cg_iters: int = 200, cg_tol: float = 1e-6,
                        sigma_floor: float = 1e-3) -> tuple[torch.Tensor, int]:
@@ -447,9 +413,10 @@ def operator_posterior(prior: GaussianPrior, y: torch.Tensor, operator, *, sigma
     resid = y - operator(img(start))
     if noise_e is not None:
         resid = resid - noise_e
-    v, its = _batched_cg(apply, resid, cg_iters, cg_tol)
+    info: dict = {}
+    v = conjugate_gradient(apply, resid, cg_iters, tol=cg_tol, info=info)
     x = start + _cov_apply(prior, operator.adjoint(v).reshape(n, d))
-    return img(x), its
+    return img(x), info["iterations"]
 
 
 def fit_gaussian_operator(y: torch.Tensor, operator, rank: int, iters: int, *, noise: str = "diagonal",

@@ -51,7 +51,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: float = 0.0, *,
-                       lifted: bool = False):
+                       lifted: bool = False, tol: float = 0.0, info: dict | None = None):
     """``iters`` conjugate-gradient iterations for ``apply(v) = b``, from v = 0, one system per sample.
 
     Truncated CG: a sample stops, keeping its current iterate, at the first search direction p with
@@ -65,6 +65,9 @@ def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: floa
     ``lifted``: ``apply(p)`` returns ``(apply(p), L p)`` for a linear map L the caller needs of the solution,
     and the result is ``(v, L v)``, L v accumulated as Σ α_i L p_i from the iterations' own products. MMPS
     needs σ² Jᵀ Aᵀ v, and Jᵀ Aᵀ p_i is the VJP each iteration computes anyway: one VJP fewer per call.
+
+    ``tol`` > 0: a sample also stops once its residual is below ``tol`` · ‖b‖, and the loop ends when every sample
+    has stopped (the Gaussian prior's solves); ``info``, if given, receives the iterations run (``"iterations"``).
     """
     v = torch.zeros_like(b)
     lv = None
@@ -72,7 +75,13 @@ def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: floa
     p = r.clone()
     rr = _dot(r, r)
     active = torch.ones_like(rr, dtype=torch.bool)
+    stop = (tol * tol) * rr
+    done = 0
     for _ in range(int(iters)):
+        if tol > 0:
+            active = active & (rr > stop)
+            if not bool(active.any()):
+                break
         ap = apply(p)
         if lifted:
             ap, lp = ap
@@ -87,6 +96,9 @@ def conjugate_gradient(apply: Callable, b: torch.Tensor, iters: int, floor: floa
         beta = torch.where(active & (rr > 0), rr_new / torch.where(rr > 0, rr, 1.0), 0.0)
         p = r + beta * p
         rr = rr_new
+        done += 1
+    if info is not None:
+        info["iterations"] = done
     if lifted:
         return v, lv
     return v
