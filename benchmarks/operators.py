@@ -112,7 +112,7 @@ def kspace_operator(n: int, size: int, r: int, seed: int) -> KSpaceOperator:
     return KSpaceOperator(cartesian_mask(n, size, size, r, CENTER, seed=seed), (1, size, size))
 
 
-def write_measurements(args, r: int, paths: dict) -> dict[str, Path]:
+def write_measurements(args, r: int, paths: dict, sets: dict[str, torch.Tensor]) -> dict[str, Path]:
     """Undersampled k-space of the training phantoms (what EM learns from) and of the test / validation ones."""
     out = args.out_dir / "data"
     files = {"train": out / f"kspace-R{r}-train.npz", "test": out / f"kspace-R{r}-test.npz",
@@ -122,7 +122,6 @@ def write_measurements(args, r: int, paths: dict) -> dict[str, Path]:
             x = torch.from_numpy(z["images"]).double()[:, None]
         op = kspace_operator(len(x), args.size, r, mix_seed(MASK_TRAIN, r))
         save_measurements(files["train"], op(x), op, (0.0, 1.0))
-    sets = heldout(args)
     for name, seed in (("test", MASK_TEST), ("val", MASK_TEST + 1)):
         if not files[name].is_file():
             op = kspace_operator(len(sets[name]), args.size, r, mix_seed(seed, r))
@@ -155,8 +154,8 @@ def run_em_prior(args, r: int, files) -> Path:
 
 def scores(x01: torch.Tensor, ref01: torch.Tensor) -> dict:
     x01 = x01.double().clamp(0, 1)
-    return {"psnr": float(psnr(x01, ref01, 1.0).mean()), "psnr_sd": float(psnr(x01, ref01, 1.0).std()),
-            "ssim": float(ssim(x01, ref01, 1.0).mean())}
+    p = psnr(x01, ref01, 1.0)
+    return {"psnr": float(p.mean()), "psnr_sd": float(p.std()), "ssim": float(ssim(x01, ref01, 1.0).mean())}
 
 
 def to01(x_model: torch.Tensor) -> torch.Tensor:
@@ -210,7 +209,7 @@ def main(argv=None) -> None:
     clean_swd, clean_sample_s = prior_swd(args, clean_dir, sets["swd"])
     rows = [{"R": None, "method": "clean phantoms (held out)", "prior_swd": pixel_swd(sets["val"], sets["swd"])}]
     for r in args.accelerations:
-        files = write_measurements(args, r, paths)
+        files = write_measurements(args, r, paths, sets)
         test = load_measurements(files["test"])
         y, op = test.batch(torch.arange(len(test)))
         zf = op.adjoint(y)

@@ -57,7 +57,7 @@ class Measurements:
     value_range: tuple[float, float]
     source: str
     spec: dict  # the file's operator spec, in the images' own units
-    y_norm: torch.Tensor | None = None  # ‖y‖ per observation in the file's units (for relative residuals)
+    y_norm: torch.Tensor  # ‖y‖ per observation in the file's units (for relative residuals)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -85,8 +85,7 @@ class Measurements:
         y, op = self.batch(idx)
         lo, hi = self.value_range
         res = ((hi - lo) / 2) * (op(x.to(y.dtype)) - y).flatten(1).norm(dim=1)
-        norm = self.y_norm[idx] if self.y_norm is not None else y.flatten(1).norm(dim=1) * ((hi - lo) / 2)
-        return res / norm.clamp_min(1e-30)
+        return res / self.y_norm[idx].clamp_min(1e-30)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
