@@ -196,12 +196,18 @@ def _read_digits(max_size: int | None) -> RawData:
 
 
 # ---------------------------------------------------------------------------- files
-def _labels_from_json(text: bytes | str, names: list[str], source: str) -> np.ndarray | None:
-    """EDM's dataset.json: {"labels": [[name, label], ...] or null}; one int label per image."""
+def _dataset_json(text: bytes | str, names: list[str], source: str) -> tuple[np.ndarray | None,
+                                                                             tuple[float, float] | None]:
+    """A dataset.json read once: (its labels, its declared value_range), each None when absent."""
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AmbientInputError(f"{source}: invalid JSON ({exc})") from None
+    return _labels_from_json(obj, names, source), _value_range_from_json(obj, source)
+
+
+def _labels_from_json(obj, names: list[str], source: str) -> np.ndarray | None:
+    """EDM's dataset.json (parsed): {"labels": [[name, label], ...] or null}; one int label per image."""
     entries = obj.get("labels") if isinstance(obj, dict) else None
     if entries is None:
         return None
@@ -274,8 +280,7 @@ def _read_folder(root: Path, max_size: int | None, check_range: bool = True) -> 
     if (root / "dataset.json").is_file():
         names = [f.relative_to(image_root).as_posix() for f in files]
         meta = (root / "dataset.json").read_bytes()
-        labels = _labels_from_json(meta, names, str(root / "dataset.json"))
-        declared = _value_range_from_json(meta, str(root / "dataset.json"))
+        labels, declared = _dataset_json(meta, names, str(root / "dataset.json"))
     elif classes:  # class subfolders: label = index of the subfolder's name in sorted order
         labels = np.asarray([classes[f.relative_to(image_root).parts[0]] for f in files], dtype=np.int64)
     raw = to_model_units(images, masks, str(root), declared, names=[str(f) for f in files],
@@ -313,8 +318,7 @@ def _read_zip(path: Path, max_size: int | None, check_range: bool = True) -> Raw
     except (zipfile.BadZipFile, OSError) as exc:
         raise AmbientInputError(f"{path}: cannot open zip file ({exc})") from None
     images = stack_images(arrays, [f"{path}:{n}" for n in names])
-    labels = _labels_from_json(meta, names, f"{path}:dataset.json") if meta is not None else None
-    declared = _value_range_from_json(meta, f"{path}:dataset.json") if meta is not None else None
+    labels, declared = _dataset_json(meta, names, f"{path}:dataset.json") if meta is not None else (None, None)
     raw = to_model_units(images, None, str(path), declared, names=[f"{path}:{n}" for n in names],
                          check_range=check_range, declare_hint=f'"value_range": [lo, hi] in {path}:dataset.json')
     raw.labels = labels
@@ -410,12 +414,8 @@ def check_value_range(value, where: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _value_range_from_json(text: bytes | str, source: str) -> tuple[float, float] | None:
-    """``"value_range": [lo, hi]`` of a dataset.json (None when absent)."""
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AmbientInputError(f"{source}: invalid JSON ({exc})") from None
+def _value_range_from_json(obj, source: str) -> tuple[float, float] | None:
+    """``"value_range": [lo, hi]`` of a dataset.json (parsed; None when absent)."""
     value = obj.get("value_range") if isinstance(obj, dict) else None
     if value is None:
         return None
