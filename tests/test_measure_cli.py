@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ambient.cli import main
 from ambient.data.corruption import Corruption
 from ambient.operators.blur import gaussian_kernel
 from ambient.operators.measurements import load_measurements
 from ambient.operators.specs import operator_from_spec
+from tests.helpers_cli import run
 from tests.helpers_data import blobs
 
 LO, HI = 10.0, 50.0  # the float data's own units
@@ -20,13 +20,6 @@ OPERATOR_ARGS = {
     "blur": ["--operator", "blur", "--blur-sigma", "1"],
     "kspace": ["--operator", "kspace", "--acceleration", "2", "--center-fraction", "0.25"],
 }
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def float_data(path, n=6, size=8):
