@@ -10,8 +10,9 @@ from ambient.operators.blur import BlurOperator, gaussian_kernel
 from ambient.operators.kspace import KSpaceOperator, cartesian_mask
 from ambient.operators.measurements import load_measurements, save_measurements
 from ambient.store.models import load_model
+from tests.helpers_cli import run
 from tests.helpers_data import blobs
-from tests.test_em import TINY, run
+from tests.test_em import TINY
 
 LO, HI = 10.0, 50.0  # the data's own units
 
