@@ -85,6 +85,7 @@ SET_WHILE_FUZZING = {
     ("sample", "class_idx"): ["--model", "@cond-run"],
     ("sample", "classes_text"): ["--model", "@cond-run"],
     ("train", "cond"): COND_TRAIN,
+    ("train", "noise_sigma"): ["--objective", "noisy"],  # the noise level of the noisy objective's data
     # by case id: the paper's DDPM++ presets (up to 56M parameters) with few channels, to stay fast
     **{f"train:--arch=choice-{arch}": TINY_DDPMPP[2:] for arch in ("ddpmpp-cifar", "ddpmpp-cifar-ungated",
                                                                       "ddpmpp-celeba", "ddpmpp-celeba-ungated")},

@@ -25,7 +25,12 @@ TRAIN_OPTIONS = [
                             "Default: as the data's masks (per pixel when they agree across channels), else per "
                             "channel."),
     ("fixed_further", bool, "The paper's variant: Ã fixed per image instead of redrawn each step."),
-    ("objective", click.Choice(OBJECTIVES), "ambient, or naive (plain EDM on A⊙x0 as if clean)."),
+    ("objective", click.Choice(OBJECTIVES), "ambient; naive (plain EDM on A⊙x0 as if clean); noisy (images with "
+                                            "Gaussian noise of the known std --noise-sigma: learns the clean "
+                                            "denoiser E[x0 | x_σ] for σ above it; no masks)."),
+    ("noise_sigma", float, "--objective noisy only (and required): the std σ_n of the noise in the images, in the "
+                           "data's units (0..255 for uint8 data, the value_range of float data, as ambient measure "
+                           "--sigma-y); recorded with its value in model units ([-1, 1])."),
     ("arch", click.Choice(ARCHS), "Backbone preset: diffusers UNets, or the paper's DDPM++ (ddpmpp-*)."),
     ("arch_kwargs", str, "ddpmpp-* only: JSON of network options over the preset, e.g. "
                          "'{\"model_channels\": 64, \"dropout\": 0.1}' "

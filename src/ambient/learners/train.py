@@ -1,4 +1,4 @@
-"""The training loop: ambient (or naive) EDM training with EMA, snapshots and exact resume.
+"""The training loop: ambient (or naive, or noisy) EDM training with EMA, snapshots and exact resume.
 
 Randomness is a pure function of (seed, step): the data order of each epoch, the flips, the
 further masks Ã, σ and the noise of step k come from generators seeded by ``mix_seed(seed, …,
@@ -40,8 +40,9 @@ from ambient.learners.core import (
 from ambient.learners.runlog import OutdirLock, RunLogger, check_writable, write_grid_pair
 from ambient.learners.train_config import RESUMABLE_CHANGES, RESUME_LATEST, TrainConfig
 from ambient.nets.conditional import LabelledDenoiser, batch_labels, label_dim_for, one_hot
+from ambient.nets.denoiser import FullImageDenoiser
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
-from ambient.objectives.losses import sees_masks, training_loss
+from ambient.objectives.losses import noisy_sigma_stop, sees_masks, training_loss
 from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
@@ -64,7 +65,34 @@ def model_config_for(cfg: TrainConfig, data: ImageDataset) -> ModelConfig:
                        songunet=json.loads(cfg.arch_kwargs) if cfg.arch_kwargs else None)
 
 
+def noise_sigma_model_units(cfg: TrainConfig, data: ImageDataset) -> float | None:
+    """``--noise-sigma`` (the data's units: 0..255 for uint8, the value_range of float data) in model units
+    ([-1, 1]): σ_n · 2 / (hi − lo). None when the objective takes the images as clean."""
+    if cfg.noise_sigma is None:
+        return None
+    lo, hi = data.value_range
+    return float(cfg.noise_sigma) * 2.0 / (float(hi) - float(lo))
+
+
+def check_noise_sigma(cfg: TrainConfig, data: ImageDataset) -> None:
+    """Refuse (one line, naming the flag or the data) a noise level the sampler could not start above, and masks
+    with the noisy objective (it trains on complete images)."""
+    sigma_n = noise_sigma_model_units(cfg, data)
+    if sigma_n is None:
+        return
+    if noisy_sigma_stop(sigma_n) >= FullImageDenoiser.sigma_max:
+        raise AmbientInputError(f"--noise-sigma {cfg.noise_sigma:g}: is {sigma_n:g} in model units ([-1, 1]), "
+                                f"too close to the largest noise level {FullImageDenoiser.sigma_max:g} the sampler "
+                                "starts from; give it in the data's units (0..255 for uint8 data)")
+    if data.has_data_masks and data.observed_share < 1.0:
+        raise AmbientInputError(f"--data {cfg.data}: comes with masks (observed share {data.observed_share:.3f}); "
+                                f"--objective {cfg.objective} trains on complete noisy images")
+
+
 def sampling_spec_for(cfg: TrainConfig, data: ImageDataset) -> SamplingSpec:
+    sigma_n = noise_sigma_model_units(cfg, data)
+    if sigma_n is not None:  # a plain EDM network that knows σ > σ_n only: the sampler stops just above σ_n
+        return SamplingSpec(Corruption(), noise_sigma=sigma_n, sigma_stop=noisy_sigma_stop(sigma_n))
     if not sees_masks(cfg.objective):  # a plain EDM network: no masks at sampling time
         return SamplingSpec(Corruption())
     data_survival = data.observed_share if data.has_data_masks else None
@@ -207,10 +235,11 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
     notice = check_masks(data, cfg.data)
     if env.rank == 0 and notice:
         log(notice)
+    check_noise_sigma(cfg, data)
     model_cfg = model_config_for(cfg, data)
     loss_fn = training_loss(cfg.objective, sigma_data=model_cfg.sigma_data, normalize=cfg.loss_normalize,
                             further=cfg.corruption, fixed_further=cfg.fixed_further, seed=cfg.seed,
-                            weighting=cfg.loss_weighting)
+                            weighting=cfg.loss_weighting, noise_sigma=noise_sigma_model_units(cfg, data))
     if env.rank == 0 and data.has_data_masks and data.channels > 1 and loss_fn.mask_input:
         log(f"mask law: {law}")
     unlearnt = unlearnt_hole(cfg, data)
@@ -223,6 +252,7 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
                            "value_range": list(data.value_range), "dtype": data.kind}}
     net, ema, opt, state = _build_or_resume(cfg, model_cfg, run_config, source, device,
                                             log if env.rank == 0 else (lambda _m: None))
+    spec.fit_sigma_range(ema)  # the snapshot grids sample as `ambient sample` will (noisy: down to sigma_stop)
     if source is not None and state.nimg >= _total_nimg(cfg):  # finished, or --kimg lowered: change nothing
         if env.rank == 0:
             log(f"nothing to do: {source} is already at {state.nimg / 1000:g} kimg, at or past --kimg {cfg.kimg:g} "
@@ -329,6 +359,10 @@ def dry_run(cfg: TrainConfig) -> str:
         cfg, data, law = _load_data_with_law(_resolve_loss_weighting(cfg, source), source)
         unlearnt = unlearnt_hole(cfg, data)
         units = {"dtype": data.kind, "value_range": list(data.value_range), "notices": data.notices}
+        if cfg.noise_sigma is not None:
+            check_noise_sigma(cfg, data)
+            sigma_n = noise_sigma_model_units(cfg, data)
+            units.update(noise_sigma_model=sigma_n, sigma_stop_model=noisy_sigma_stop(sigma_n))
     except AmbientInputError as exc:
         why = " ".join(str(exc).split())
         law = (f"from the data's masks, once the data can be read ({why})" if cfg.mask_full_rgb is None else

@@ -13,7 +13,7 @@ from ambient.configbase import ConfigBase, flag_error
 from ambient.data.corruption import PATTERNS, Corruption
 from ambient.nets.ddpmpp import SONG_PRESETS
 from ambient.nets.registry import ARCHS
-from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS
+from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS, needs_noise_sigma
 from ambient.objectives.losses import OBJECTIVES as _LOSSES
 
 OBJECTIVES = tuple(_LOSSES)  # the loss objects' names (ambient.objectives.losses.training_loss)
@@ -60,6 +60,7 @@ class TrainConfig(ConfigBase, what="training"):
     mask_full_rgb: bool | None = None  # None: from the data's masks (see data.resolve_mask_full_rgb)
     fixed_further: bool = False
     objective: str = "ambient"
+    noise_sigma: float | None = None  # --objective noisy: σ_n of the images' noise, in the data's units (0..255 uint8)
     arch: str = "small"
     arch_kwargs: str | None = None  # ddpmpp-* only: JSON object of SongUNetConfig fields over the preset
     dropout: float = 0.0
@@ -103,6 +104,7 @@ class TrainConfig(ConfigBase, what="training"):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self._check_noise_sigma()
         if self.loss_weighting not in (None, *WEIGHTINGS):
             self.fail("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.loss_weighting in ("pixel", "tilted") and not self.mask_aware:
@@ -139,3 +141,20 @@ class TrainConfig(ConfigBase, what="training"):
         if not self.outdir:
             self.fail("outdir", "must not be empty")
         return self
+
+    def _check_noise_sigma(self) -> None:
+        """--noise-sigma: required by (and only for) an objective on noisy data, finite and > 0; such data has no
+        masks (--corruption-probability 0)."""
+        v = self.noise_sigma
+        if not needs_noise_sigma(self.objective):
+            if v is not None:
+                self.fail("noise_sigma", f"only for --objective noisy (got --objective {self.objective})")
+            return
+        if v is None:
+            self.fail("noise_sigma", f"--objective {self.objective} needs it: the std of the Gaussian noise in the "
+                                     "images, in the data's units (0..255 for uint8 data)")
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            self.fail("noise_sigma", f"must be a finite number > 0 (the data's units), got {v!r}")
+        if self.corruption_probability != 0:
+            self.fail("corruption_probability", f"--objective {self.objective} trains on complete noisy images "
+                                                f"(no masks); must be 0, got {self.corruption_probability!r}")

@@ -38,13 +38,37 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """What the sampler needs to reproduce the training masks."""
+    """What the sampler needs to reproduce the training masks, and where it must stop.
+
+    A model trained on noisy data (``ambient train --objective noisy``) knows E[x0 | x_σ] only for σ above the
+    data's noise level ``noise_sigma`` (σ_n, model units): its sampler runs EDM's schedule from σ_max down to
+    ``sigma_stop`` (just above σ_n) instead of 0.002, and its last step (to σ = 0, Euler) returns the clean estimate
+    D(x_σ_stop, σ_stop). :meth:`fit_sigma_range` gives the loaded denoiser that σ range, so every sampler that
+    takes its σ's from the denoiser (``ambient sample``, the training grids, posterior wrappers) stops there.
+    """
 
     corruption: Corruption
     data_survival: float | None = None  # A came with the data: its measured observed share
     # False for runs saved before the mask law was recorded (``mask_law`` in config.json): their law is
     # the one they were trained with, filled in by ambient.store.upgrades.sampling_section.
     mask_law_recorded: bool = True
+    noise_sigma: float | None = None  # σ_n of the training images' noise, model units (None: taken as clean)
+    sigma_stop: float | None = None  # the smallest σ the sampler visits (None: the denoiser's own, EDM's 0.002)
+
+    def __post_init__(self):
+        for name in ("noise_sigma", "sigma_stop"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e6):
+                raise ValueError(f"{name} must be a positive number or None, got {v!r}")
+        if self.sigma_stop is not None and self.noise_sigma is not None and not self.sigma_stop > self.noise_sigma:
+            raise ValueError(f"sigma_stop ({self.sigma_stop}) must exceed noise_sigma ({self.noise_sigma})")
+
+    def fit_sigma_range(self, denoiser):
+        """Give ``denoiser`` (a :class:`~ambient.nets.denoiser.FullImageDenoiser` built from this spec's model)
+        the smallest σ it may be sampled at, ``sigma_stop``, as its ``sigma_min``; returns it."""
+        if self.sigma_stop is not None:
+            denoiser.sigma_min = float(self.sigma_stop)
+        return denoiser
 
     def sampler_kwargs(self) -> dict:
         """Keyword arguments of :func:`ambient.sampling.fixed_mask.ambient_sample` that reproduce the mask law."""
@@ -64,7 +88,7 @@ class SamplingSpec:
 
     def to_dict(self) -> dict:
         return {"corruption": self.corruption.to_dict(), "data_survival": self.data_survival,
-                "mask_law": self.mask_law}
+                "mask_law": self.mask_law, "noise_sigma": self.noise_sigma, "sigma_stop": self.sigma_stop}
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingSpec:
@@ -75,7 +99,8 @@ class SamplingSpec:
         if law not in ("pixel", "channel"):
             raise ValueError(f"mask_law must be 'pixel' or 'channel', got {law!r}")
         corruption = replace(corruption, mask_full_rgb=law == "pixel")
-        return cls(corruption, d.get("data_survival"), bool(d.get("mask_law_recorded", True)))
+        return cls(corruption, d.get("data_survival"), bool(d.get("mask_law_recorded", True)),
+                   d.get("noise_sigma"), d.get("sigma_stop"))
 
 
 def build_denoiser(cfg: ModelConfig) -> Denoiser:

@@ -35,7 +35,8 @@ step's flips, further masks Ã, σ and noise, always in the same order; ``flip``
 :func:`ambient.data.datasets.augment_batch`, passed in) and
 ``loss.per_image(net, inputs[part])`` on its share, and never asks which objective it runs.
 :class:`AmbientLoss` grades on A with a network that sees Ã; :class:`EDMLoss` is plain EDM on the
-images as if they were clean (the naive baseline on A ⊙ x0; the clean baseline when p = 0).
+images as if they were clean (the naive baseline on A ⊙ x0; the clean baseline when p = 0);
+:class:`NoisyLoss` learns E[x0 | x_σ] for σ > σ_n from images y = x0 + σ_n n with a known noise level σ_n.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class AmbientLoss:
     """
 
     mask_input = True  # the network sees Ã (as extra channels); the sampler reproduces the mask law
+    noisy_data = False  # True: the data carry Gaussian noise of a known level (NoisyLoss, its noise_sigma)
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  normalize: str = "mean", *, further: Corruption | None = None, fixed_further: bool = False,
@@ -245,23 +247,122 @@ class EDMLoss(AmbientLoss):
         return LossInputs(y, ones, ones, sigma, noise)
 
 
-OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss}
+# The noisy objective's floor on a(σ) = (σ² − σ_n²)/σ² in its weight (see NoisyLoss); its sampler stops at the
+# σ where a(σ) reaches it (noisy_sigma_stop), σ_n/√(1 − 0.1) ≈ 1.054 σ_n.
+NOISY_FLOOR = 0.1
+
+
+def noisy_sigma_stop(noise_sigma: float, floor: float = NOISY_FLOOR) -> float:
+    """σ_stop = σ_n / √(1 − floor): the σ where a(σ) = (σ² − σ_n²)/σ² equals ``floor``, the smallest σ at which
+    :class:`NoisyLoss` gives the denoiser's error its full EDM weight; a noisy-trained model's sampler stops there."""
+    return float(noise_sigma) / math.sqrt(1.0 - float(floor))
+
+
+class NoisyLoss(EDMLoss):
+    """Learn the clean denoiser E[x0 | x_σ] for σ > σ_n from noisy images y = x0 + σ_n n only (n ~ N(0, I),
+    σ_n known, in model units; no masks: any given are ignored, as by :class:`EDMLoss`).
+
+    Noise: x_σ = y + s η, η ~ N(0, I), so x_σ = x0 + σ n' with σ² = σ_n² + s². The extra std s follows EDM's
+    law exp(N(P_mean, P_std²)) (``tilted`` draws it as EDM does, as :class:`EDMLoss`): it is the noise EDM adds to
+    clean data, now added to y; every σ > σ_n has positive density, no cut-off constant is needed, and for
+    s ≫ σ_n, σ ≈ s is EDM's own law. ``noise_level`` in :class:`LossInputs` is the total σ.
+
+    Loss: with a = a(σ) = (σ² − σ_n²)/σ², E[y | x_σ] = x_σ + (σ² − σ_n²)∇log p_σ(x_σ) and
+    E[x0 | x_σ] = x_σ + σ²∇log p_σ(x_σ) give E[y | x_σ] = a E[x0 | x_σ] + (1 − a) x_σ. So the implied noisy
+    estimate ŷ = a D(x_σ, σ) + (1 − a) x_σ is graded against y:
+
+        loss = λ(σ) / max(a, floor)² · ‖a D + (1 − a) x_σ − y‖²,   λ(σ) = (σ² + σ_d²)/(σ σ_d)²  (EDM's).
+
+    Its expectation given x_σ is λ(σ) a²/max(a, floor)² ‖D − E[x0 | x_σ]‖² + const, whose minimiser is exactly
+    D = E[x0 | x_σ] at every σ > σ_n (a positive weight does not move it). Weight: where a ≥ ``floor`` the
+    D-error gets EDM's λ(σ), as in :class:`EDMLoss` (for σ ≫ σ_n, a → 1 and this is EDM's loss). As σ → σ_n,
+    a → 0 and the full weight λ/a² would multiply the target's noise: the implied D-target (y − (1 − a) x_σ)/a
+    has variance up to ~σ²/a, unbounded. So 1/a² is capped at 1/floor² (``floor`` = 0.1: the D-target's noise is
+    at most ~10× EDM's), and below a = floor the D-error weight fades as λ a²/floor². The sampler stops where the
+    full weight starts, σ_stop = :func:`noisy_sigma_stop` (≈ 1.054 σ_n), and returns D(x_σ_stop, σ_stop).
+    Normalisation as :class:`EDMLoss` (``mean``: over pixels).
+    """
+
+    noisy_data = True
+
+    def __init__(self, *args, noise_sigma: float, floor: float = NOISY_FLOOR, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not (isinstance(noise_sigma, (int, float)) and math.isfinite(noise_sigma) and noise_sigma > 0):
+            raise ValueError(f"noise_sigma must be a finite number > 0, got {noise_sigma!r}")
+        if not 0.0 < floor < 1.0:
+            raise ValueError(f"floor must be in (0, 1), got {floor!r}")
+        self.noise_sigma, self.floor = float(noise_sigma), float(floor)
+
+    @property
+    def sigma_stop(self) -> float:
+        """Where the sampler of a model trained with this loss stops (:func:`noisy_sigma_stop`)."""
+        return noisy_sigma_stop(self.noise_sigma, self.floor)
+
+    def sample_sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """σ = √(σ_n² + s²) with s drawn as :class:`EDMLoss` draws σ (one draw of z per image)."""
+        extra = super().sample_sigma(n, generator, device)
+        return (extra**2 + self.noise_sigma**2).sqrt()
+
+    def signal_share(self, sigma: torch.Tensor) -> torch.Tensor:
+        """a(σ) = (σ² − σ_n²)/σ², the weight of D in the implied noisy estimate."""
+        return 1.0 - self.noise_sigma**2 / sigma**2
+
+    def __call__(self, denoiser: Callable, y: torch.Tensor, mask: torch.Tensor | None = None,
+                 mask_hat: torch.Tensor | None = None, generator: torch.Generator | None = None, *,
+                 sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if y.ndim != 4:
+            raise ValueError(f"y must be (N, C, H, W), got {tuple(y.shape)}")
+        n = y.shape[0]
+        if sigma is None:
+            sigma = self.sample_sigma(n, generator, y.device)
+        sigma = torch.as_tensor(sigma, dtype=y.dtype, device=y.device).reshape(-1).expand(n)
+        if bool((sigma <= self.noise_sigma).any()):
+            raise ValueError(f"sigma must exceed noise_sigma {self.noise_sigma:g}, got {float(sigma.min()):g}")
+        if noise is None:
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        share = self.signal_share(sigma).reshape(n, 1, 1, 1)
+        x_noisy = y + (sigma**2 - self.noise_sigma**2).sqrt().reshape(n, 1, 1, 1) * noise
+        ones = torch.ones_like(y)
+        denoised = denoiser(x_noisy, sigma, ones).to(y.dtype)
+        implied = share * denoised + (1.0 - share) * x_noisy  # the estimate of E[y | x_σ]
+        per_image = ((implied - y) ** 2).flatten(1).sum(dim=1)
+        if self.normalize == "mean":
+            per_image = per_image / y[0].numel()
+        return self.weight(sigma) / self.signal_share(sigma).clamp_min(self.floor) ** 2 * per_image
+
+
+OBJECTIVES = {"ambient": AmbientLoss, "naive": EDMLoss, "noisy": NoisyLoss}
 
 
 def sees_masks(objective: str) -> bool:
     """Whether the objective's network takes masks (mask channels, a sampler with fixed masks, A drawn
-    at the training run's p) — True for ``ambient``; ``naive`` trains and samples a plain EDM network."""
+    at the training run's p) — True for ``ambient``; ``naive`` and ``noisy`` train and sample a plain EDM network."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     return OBJECTIVES[objective].mask_input
 
 
-def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
-                  further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
-                  weighting: str = "edm") -> AmbientLoss:
-    """The loss object of a training objective (``ambient`` or ``naive``). This and :func:`sees_masks` are
-    the only places that look at the objective's name."""
+def needs_noise_sigma(objective: str) -> bool:
+    """Whether the objective trains on images with Gaussian noise of a known level σ_n (``noisy``)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    return OBJECTIVES[objective](sigma_data=sigma_data, normalize=normalize, further=further,
-                                 fixed_further=fixed_further, seed=seed, weighting=weighting)
+    return OBJECTIVES[objective].noisy_data
+
+
+def training_loss(objective: str, *, sigma_data: float = 0.5, normalize: str = "mean",
+                  further: Corruption | None = None, fixed_further: bool = False, seed: int = 0,
+                  weighting: str = "edm", noise_sigma: float | None = None) -> AmbientLoss:
+    """The loss object of a training objective (``ambient``, ``naive`` or ``noisy``, which needs
+    ``noise_sigma``, σ_n in model units). This, :func:`sees_masks` and :func:`needs_noise_sigma` are the only
+    places that look at the objective's name."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    kwargs = dict(sigma_data=sigma_data, normalize=normalize, further=further, fixed_further=fixed_further,
+                  seed=seed, weighting=weighting)
+    if OBJECTIVES[objective].noisy_data:
+        if noise_sigma is None:
+            raise ValueError(f"objective {objective!r} needs noise_sigma (the data's noise level)")
+        kwargs["noise_sigma"] = noise_sigma
+    elif noise_sigma is not None:
+        raise ValueError(f"noise_sigma is only for an objective on noisy data, not {objective!r}")
+    return OBJECTIVES[objective](**kwargs)

@@ -141,7 +141,7 @@ def load_model(path: str | os.PathLike, *, use_ema: bool = True, device: str | t
         spec = SamplingSpec.from_dict(sampling_section(cfg["sampling"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise AmbientInputError(f"{snap_dir / 'config.json'}: bad model config ({exc})") from None
-    den = build_denoiser(model_cfg)
+    den = spec.fit_sigma_range(build_denoiser(model_cfg))  # noisy-trained: sampled down to sigma_stop only
     weights = snap.ema if (use_ema and snap.ema is not None) else snap.model
     load_state_dict_strict(den, weights, snap_dir / ("ema.safetensors" if use_ema and snap.ema else
                                                      "model.safetensors"))
