@@ -27,11 +27,15 @@ MEASURE_STREAM = 0x3EA5  # `ambient measure`: k-space line masks (seed, 0) as ca
 
 # sampling (ambient.sampling)
 NOISE_STREAM = 0x5EED  # a sample's starting and churn noise, `ambient sample` and `ambient restore`: (seed)
+KSPACE_SAMPLER_STREAM = 0x4B5A  # the k-space ambient sampler's further operator Ã of a sample: (seed)
 
 # training (ambient.learners.core, shared by train and finetune)
 ORDER_STREAM = 0x0DE7  # the permutation of the data in an epoch: (seed, epoch)
 STEP_STREAM = 0x57E9  # a training step's flips, Ã, σ and noise: (seed, step, …)
 INIT_STREAM = 0x1417  # the global RNG while a fresh network is built (its initial weights): (seed)
+
+# k-space ambient training (ambient.learners.kspace_ambient)
+KSPACE_STEP_STREAM = 0x4B57  # a training step's Ã, σ and noise: (seed, step)
 
 # EM (ambient.learners.em, ambient.learners.gaussian_prior)
 POSTERIOR_STREAM = 0x6A55  # an exact draw of the Gaussian prior's posterior x | y for one image: (seed)
