@@ -47,7 +47,9 @@ import numpy as np
 import torch
 
 from ambient.data.corruption import Corruption, sampling_masks
+from ambient.io import atomic_save_npz, read_npz
 from ambient.learners.em import EMConfig, run_em
+from ambient.learners.gaussian_prior import GaussianPrior
 from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
 from ambient.nets.oracle import (
@@ -59,6 +61,8 @@ from ambient.nets.oracle import (
     smooth_covariance,
 )
 from ambient.nets.schedules import edm_sigmas
+from ambient.operators.kspace import KSpaceOperator, cartesian_mask
+from ambient.operators.measurements import save_measurements
 from ambient.sampling.generate import sample_model
 from ambient.store.models import load_model
 from ambient.store.snapshots import list_snapshots
@@ -128,14 +132,48 @@ CASES = {c.name: c for c in (
 
 @dataclass(frozen=True)
 class Law:
-    """How the data are observed: per-pixel dust masks given with the data (p), or box masks drawn per image."""
+    """How the data are observed: per-pixel dust masks given with the data (p), box masks drawn per image, or
+    single-coil Cartesian k-space at acceleration R = p (a measurements file, issue 25)."""
 
-    pattern: str  # "given" (dust masks in the npz, one per pixel: all channels of a pixel alike) | "box"
+    pattern: str  # "given" (dust masks in the npz, one per pixel: all channels of a pixel alike) | "box" | "kspace"
     p: float
 
     @property
     def key(self) -> str:
         return f"{self.pattern}{self.p:g}"
+
+    @property
+    def operator(self) -> bool:
+        """Measured through an operator (a measurements file; EM and naive on its zero-filled images only)."""
+        return self.pattern == "kspace"
+
+
+KSPACE_SIGMA_Y = 0.01  # k-space noise σ_y in model units (the pixels' standard deviation is STD = 0.3)
+KSPACE_CENTER = 0.25  # fully sampled centre: 2 of 8 columns
+
+
+def kspace_operator(case: Case, law: Law, n: int, seed: int) -> KSpaceOperator:
+    masks = cartesian_mask(n, case.res, case.res, law.p, center_fraction=KSPACE_CENTER, seed=seed)
+    return KSpaceOperator(masks, (case.channels, case.res, case.res), sigma_y=KSPACE_SIGMA_Y)
+
+
+def write_kspace_data(case: Case, law: Law, path: Path, naive_path: Path, n: int, seed: int) -> None:
+    """Measurements y = A x0 + σ_y n of x0 ~ N(μ, Σ) in model units (value range [-1, 1], no quantisation), a new
+    line mask per observation; and the naive baseline's images: the zero-filled Aᵀ y, clipped to [-1, 1]."""
+    if path.is_file() and naive_path.is_file():
+        return
+    mean, cov = case.moments()
+    rng = np.random.default_rng(seed)
+    chol = np.linalg.cholesky(cov.numpy())
+    x = mean.numpy() + rng.standard_normal((n, cov.shape[0])) @ chol.T
+    x = torch.from_numpy(x).float().reshape(n, case.channels, case.res, case.res)
+    op = kspace_operator(case, law, n, seed)
+    y = op.add_noise(op(x), torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_measurements(path, y, op, (-1.0, 1.0))
+    zf = op.adjoint(y).clamp(-1, 1).numpy().astype(np.float32)
+    zf = zf[:, 0] if case.channels == 1 else zf.transpose(0, 2, 3, 1)
+    atomic_save_npz(naive_path, images=zf, value_range=np.asarray([-1.0, 1.0]))
 
 
 def write_data(case: Case, law: Law | None, path: Path, n: int, seed: int) -> None:
@@ -216,7 +254,9 @@ def floors(case: Case, law: Law, args) -> dict:
     mean, cov = case.moments()
     shape = (args.floor_masks, case.channels, case.res, case.res)
     seeds = list(range(args.floor_masks))
-    if law.pattern == "given":  # the sampler of a run with data masks: dust at survival (1 − p)(1 − δ), per pixel
+    if law.operator:  # EM's and naive's samplers see every pixel: the floor is 18 Heun steps' own error
+        masks = torch.ones((1, case.channels, case.res, case.res))
+    elif law.pattern == "given":  # the sampler of a run with data masks: dust at survival (1 − p)(1 − δ), per pixel
         masks = sampling_masks(Corruption("dust", 0.0, args.delta, True), shape, seeds, data_survival=1 - law.p)
     else:
         masks = sampling_masks(Corruption("box", law.p, law.p, True), shape, seeds)
@@ -295,17 +335,17 @@ MODES = {
 
 
 def parse_law(text: str) -> Law:
-    for pattern in ("given", "box"):
+    for pattern in ("given", "box", "kspace"):
         if text.startswith(pattern):
             return Law(pattern, float(text[len(pattern):]))
-    raise SystemExit(f"error: --laws {text}: expected given<p> or box<p>")
+    raise SystemExit(f"error: --laws {text}: expected given<p>, box<p> or kspace<R>")
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=tuple(MODES), default="quick")
     ap.add_argument("--cases", nargs="+", choices=tuple(CASES), help="default: the mode's")
-    ap.add_argument("--laws", nargs="+", help="given<p> and/or box<p> (default: the mode's)")
+    ap.add_argument("--laws", nargs="+", help="given<p>, box<p> and/or kspace<R> (default: the mode's)")
     ap.add_argument("--methods", nargs="+", help="default: the mode's")
     ap.add_argument("--full-laws-for", default="smooth8",
                     help="the case that gets every mask law; the others get given0.8 only (full mode)")
@@ -376,7 +416,14 @@ def main(argv=None) -> None:
             clean = name == "clean"
             data_law = None if clean or law.pattern == "box" else law
             data = root / "data" / f"{case.name}-{'clean' if data_law is None else law.key}.npz"
-            write_data(case, data_law, data, NUM_TRAIN, seed=args.seed + 1)
+            if data_law is not None and data_law.operator:
+                if name not in ("naive", "em"):
+                    continue  # an ambient model needs masks; the operator rows are clean, naive, EM
+                meas = root / "data" / f"{case.name}-{law.key}-measurements.npz"
+                write_kspace_data(case, law, meas, data, NUM_TRAIN, seed=args.seed + 1)
+                data = meas if name == "em" else data
+            else:
+                write_data(case, data_law, data, NUM_TRAIN, seed=args.seed + 1)
             if clean and any(r["case"] == case.name and r["method"] == "clean" for r in rows):
                 continue  # one clean model per case
             if clean:
@@ -389,6 +436,17 @@ def main(argv=None) -> None:
                     continue  # ambient em takes masks from the data or draws dust/box; box is run through train only
                 run_em(em_config(case, law, data, run, args), log=lambda _m: None)
                 train_s = time.perf_counter() - t0
+                gauss = run / "gaussian.npz"
+                if law.operator and gauss.is_file():  # lap 0's Gaussian, scored exactly (no sampling noise)
+                    fitted = GaussianPrior.from_arrays(read_npz(gauss))
+                    mean, cov = case.moments()
+                    g_err = relative_covariance_error(fitted.covariance(), cov)
+                    g_mean = float((fitted.mean - mean).pow(2).mean().sqrt() / torch.diagonal(cov).mean().sqrt())
+                    rows.append({"case": case.name, "law": law.key, "method": "em-gaussian", "kimg": 0.0,
+                                 "cov_err": g_err, "mean_err": g_mean, "floor_sampler": 0.0, "floor_noise": 0.0,
+                                 "floor_sampler_at_n": fl["sampler_at_n"], "ratio_to_floor": g_err / fl["sampler_at_n"],
+                                 "train_s_now": train_s, "mode": args.mode, "exact": True})
+                    log(f"  em-gaussian      (lap 0, exact)  cov err {g_err:.3f}  mean err {g_mean:.3f}")
             else:
                 cfg = train_config(case, None if clean else law, method, data, run, args)
                 train_s = run_train(cfg)
