@@ -238,7 +238,8 @@ def em_config(case: Case, law: Law, data: Path, outdir: Path, args) -> EMConfig:
                     estep_size=args.em_estep, arch=args.arch, batch=args.batch, lr=args.lr, seed=args.seed,
                     ema=args.kimg / args.em_laps / 16,
                     snapshot_kimg=args.kimg, grid_samples=0, device="cpu",
-                    rank=min(64, case.channels * case.res * case.res), lap0=args.em_lap0)
+                    rank=min(64, case.channels * case.res * case.res), lap0=args.em_lap0,
+                    gaussian_size=args.em_gaussian_size or None)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -355,6 +356,8 @@ def parse_args(argv=None):
     ap.add_argument("--em-laps", type=int)
     ap.add_argument("--em-lap0", default="sample", choices=("sample", "mean"))
     ap.add_argument("--em-estep", type=int, default=2000, help="observations EM redraws per lap (MMPS)")
+    ap.add_argument("--em-gaussian-size", type=int, default=10000,
+                    help="observations lap 0's Gaussian is fitted on (ambient em's default 10000; 0: all)")
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
