@@ -226,3 +226,45 @@ def test_dry_run_shows_the_noise_level_in_model_units(tmp_path, capsys):
     assert units["noise_sigma_model"] == pytest.approx(0.4)
     assert units["sigma_stop_model"] == pytest.approx(noisy_sigma_stop(0.4))
     assert not (tmp_path / "run").exists()
+
+
+def test_noise_only_measurements_feed_both_noisy_training_and_em(tmp_path, capsys):
+    """`ambient measure --operator mask --probability 0 --sigma-y S` gives noisy images as a measurements file:
+    `ambient em` reads it, and `ambient train --objective noisy --noise-sigma S` reads the same file."""
+    from ambient.operators.measurements import load_measurements
+
+    data = write_npz(tmp_path / "d.npz")
+    meas = tmp_path / "noisy.npz"
+    code, _, err = run(["measure", "--data", str(data), "--operator", "mask", "--probability", "0", "--sigma-y", "25",
+                        "--out", str(meas)], capsys)
+    assert code == 0, err
+    loaded = load_measurements(meas)
+    assert loaded.spec["kind"] == "mask" and loaded.spec["sigma_y"] == 25
+    assert bool((loaded.operator.arrays()["mask"] == 1).all())
+    clean = torch.from_numpy(np.load(data)["images"]).double()[:, None] / 127.5 - 1
+    assert abs(float((loaded.y - clean).std()) * 127.5 - 25) < 2  # y = x + σ_y n, σ_y in the data's units
+
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", str(meas), "--outdir", str(out), "--objective", "noisy",
+                        "--noise-sigma", "25", "--kimg", "0.008", *TINY], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sampling"]["noise_sigma"] == pytest.approx(25 / 127.5)
+    assert cfg["data"]["value_range"] == [0.0, 255.0] and cfg["data"]["num_images"] == 24
+
+    code, _, err = run(["train", "--data", str(meas), "--outdir", str(tmp_path / "other"), "--objective", "noisy",
+                        "--noise-sigma", "20", "--kimg", "0.008", *TINY], capsys)
+    assert code == 2 and "--noise-sigma 20" in err and "σ_y 25" in err and not (tmp_path / "other").exists()
+    masked = tmp_path / "masked.npz"
+    code, _, err = run(["measure", "--data", str(data), "--operator", "mask", "--probability", "0.3", "--sigma-y", "25",
+                        "--out", str(masked)], capsys)
+    assert code == 0, err
+    code, _, err = run(["train", "--data", str(masked), "--outdir", str(tmp_path / "other"), "--objective", "noisy",
+                        "--noise-sigma", "25", "--kimg", "0.008", *TINY], capsys)
+    assert code == 2 and "--data" in err and "noise-only" in err and not (tmp_path / "other").exists()
+
+    code, _, err = run(["em", "--data", str(meas), "--outdir", str(tmp_path / "em"), "--laps", "1", "--lap-kimg",
+                        "0.008", "--rank", "2", "--gaussian-iters", "2", "--steps", "2", "--arch", "tiny", "--batch",
+                        "8", "--snapshot-kimg", "0.008", "--grid-samples", "0", "--device", "cpu", "--no-progress"],
+                       capsys)
+    assert code == 0, err

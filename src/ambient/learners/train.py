@@ -43,6 +43,7 @@ from ambient.nets.conditional import LabelledDenoiser, batch_labels, label_dim_f
 from ambient.nets.denoiser import FullImageDenoiser
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.objectives.losses import noisy_sigma_stop, sees_masks, training_loss
+from ambient.operators.measurements import is_measurements_file, load_measurements
 from ambient.rng import INIT_STREAM, STEP_STREAM, mix_seed
 from ambient.store.snapshots import load_snapshot, save_snapshot, snapshot_name
 from ambient.store.statedict import load_state_dict_strict
@@ -131,11 +132,37 @@ def _load_data_with_law(cfg: TrainConfig, source: Path | None) -> tuple[TrainCon
     saved = _saved_mask_full_rgb(source)
     hint = cfg.mask_full_rgb if cfg.mask_full_rgb is not None else saved  # draws A when the data has no masks
     drawn = replace(cfg, mask_full_rgb=bool(hint))
-    data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
-                        corruption=drawn.corruption if sees_masks(cfg.objective) else _naive_corruption(drawn),
-                        seed=cfg.seed)
+    corruption = drawn.corruption if sees_masks(cfg.objective) else _naive_corruption(drawn)
+    if cfg.noise_sigma is not None and is_measurements_file(cfg.data):
+        data = noisy_images_from_measurements(cfg, corruption)
+    else:
+        data = load_dataset(cfg.data, data_dir=cfg.data_dir, max_size=cfg.max_size, resolution=cfg.resolution,
+                            corruption=corruption, seed=cfg.seed)
     full_rgb, why = resolve_mask_full_rgb(cfg.mask_full_rgb, data, saved)
     return replace(cfg, mask_full_rgb=full_rgb), data, why
+
+
+def noisy_images_from_measurements(cfg: TrainConfig, corruption: Corruption) -> ImageDataset:
+    """The noisy images of a noise-only measurements file (``ambient measure --operator mask --probability 0
+    --sigma-y S``: y = x + σ_y n through a mask that hides nothing), for ``--objective noisy``: the same file
+    ``ambient em`` reads. Its σ_y must be ``--noise-sigma`` (both in the data's units); one-line errors otherwise."""
+    meas = load_measurements(cfg.data, max_size=cfg.max_size)
+    kind = meas.spec.get("kind")
+    mask = meas.operator.arrays().get("mask") if kind == "mask" else None
+    if mask is None or not bool((mask == 1).all()):
+        raise AmbientInputError(f"--data {cfg.data}: holds {kind} measurements that hide part of each image; "
+                                f"--objective {cfg.objective} reads only noise-only measurements (ambient measure "
+                                "--operator mask --probability 0 --sigma-y S)")
+    sigma_y = float(meas.spec.get("sigma_y", 0.0))
+    if not math.isclose(sigma_y, float(cfg.noise_sigma), rel_tol=1e-6):
+        raise AmbientInputError(f"--noise-sigma {cfg.noise_sigma:g}: --data {cfg.data} records noise of std "
+                                f"σ_y {sigma_y:g} (the data's units); give --noise-sigma {sigma_y:g}")
+    if cfg.resolution is not None and cfg.resolution != meas.shape[1]:
+        raise AmbientInputError(f"--resolution {cfg.resolution}: --data {cfg.data} holds measurements, which are "
+                                "not resized (resizing would change their noise); leave it out")
+    images = meas.y.to(torch.float32).reshape(len(meas), *meas.shape)
+    return ImageDataset(images, None, corruption=corruption, seed=cfg.seed, source=cfg.data,
+                        value_range=meas.value_range, kind="float32")
 
 
 def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfig:
