@@ -126,6 +126,26 @@ def test_blur_matches_a_direct_loop():
     assert op.num_observations().tolist() == [56.0, 56.0]
 
 
+def test_blur_matches_direct_convolution_at_benchmark_size():
+    """The FFT product equals zero-padded direct convolution (conv2d) for a 13×13 PSF on 28×28 images, the
+    shared and per-observation kernels alike, forward and adjoint, in float64 and float32."""
+    g = gen(5)
+    shared = gaussian_kernel(2.0)  # 13×13, wider than half the image
+    per_obs = torch.rand(3, 13, 9, generator=g, dtype=F64)
+    for kernel in (shared[None].expand(3, -1, -1), per_obs):
+        op = BlurOperator(kernel.clone(), (2, 28, 28))
+        x = torch.randn(3, 2, 28, 28, generator=g, dtype=F64)
+        pad = (kernel.shape[1] // 2, kernel.shape[2] // 2)
+        conv = torch.nn.functional.conv2d  # a correlation: the forward operator's weight is the PSF flipped
+        fwd = torch.stack([conv(x[n][:, None], kernel[n].flip(-1, -2)[None, None], padding=pad)[:, 0]
+                           for n in range(3)])
+        adj = torch.stack([conv(x[n][:, None], kernel[n][None, None], padding=pad)[:, 0] for n in range(3)])
+        torch.testing.assert_close(op(x), fwd, rtol=0, atol=1e-13)
+        torch.testing.assert_close(op.adjoint(x), adj, rtol=0, atol=1e-13)
+        torch.testing.assert_close(op(x.float()), fwd.float(), rtol=0, atol=1e-5)
+        assert op(x.float()).dtype == torch.float32
+
+
 def test_gaussian_kernel():
     k = gaussian_kernel(1.0)
     assert k.shape == (7, 7) and k.dtype == F64

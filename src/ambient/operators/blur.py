@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ambient.operators.base import LinearOperator, check_image_shape, check_sigma_y
 
@@ -38,11 +37,12 @@ class BlurOperator(LinearOperator):
     observation, the same for every channel. The adjoint is the correlation with the same kernel and the same
     zero padding, (Aᵀ v)[i, j] = Σ_{a, b} k[a, b] · v[i + a − ca, j + b − cb], exact for any image size.
 
-    Both are one grouped :func:`torch.nn.functional.conv2d` over the whole batch (groups = N·C, one group per
-    image channel, no Python loop). Chosen over the FFT because direct convolution gives the zero-padded
-    boundary and its exact adjoint without padding the images to H + kh − 1, costs O(HW·kh·kw), which is
-    less than the FFT's for the small PSFs of deblurring, and is exact in float64 (an FFT adds rounding of
-    the order of the largest pixel times ε·log(HW) to every pixel). A very wide PSF would favour the FFT.
+    Both are one batched real FFT product over the whole batch (no Python loop), with the images and the PSF
+    zero-padded to the full linear size (H + kh − 1, W + kw − 1): the zero-padded boundary and the exact
+    adjoint, with rounding of the order of the largest pixel times ε·log(HW). Direct convolution
+    (:func:`torch.nn.functional.conv2d`, as before 2026-12-04) was ~30× slower on the CPU in float64 (0.37 s
+    against 0.012 s for 256 images of 28×28 and a 13×13 PSF, one thread), which made EM's lap-0 Gaussian
+    through a blur (hundreds of CG iterations per draw) take hours.
 
     ``pinv`` is not implemented: a blur's pseudo-inverse has no cheap exact form (it is ill-conditioned and
     would need an iterative solve). ``num_observations`` is C·H·W. Saved as kind ``"blur"`` with the array
@@ -76,20 +76,19 @@ class BlurOperator(LinearOperator):
         return {"kernel": self.kernel}
 
     def _conv(self, t: torch.Tensor, flip: bool, what: str) -> torch.Tensor:
-        """Σ_{a,b} w[a, b] t[i + a − ca, j + b − cb] per image channel, w = k flipped (convolution) or k."""
+        """Σ_{a,b} w[a, b] t[i + a − ca, j + b − cb] per image channel, w = k flipped (convolution) or k: the
+        product of the real 2-D FFTs of t and of w flipped, both zero-padded to the full linear size
+        (H + kh − 1, W + kw − 1) so nothing wraps around, cropped to the 'same' window."""
         n = self._check_batch(t, self.image_shape, what)
         c, h, w = self.image_shape
         k = self.kernel.to(t.device, t.dtype)
-        if flip:
+        if not flip:  # the correlation with k is the convolution with k flipped
             k = k.flip(-1, -2)
-        pad = (k.shape[1] // 2, k.shape[2] // 2)
-        if k.shape[0] == 1:  # one kernel: every image channel is a batch entry
-            out = F.conv2d(t.reshape(-1, 1, h, w), k[:, None], padding=pad)
-            return out.reshape(t.shape[0], c, h, w)
-        t = t.expand(n, c, h, w)  # per-observation kernels: one group per (image, channel)
-        weight = k.repeat_interleave(c, dim=0)[:, None]
-        out = F.conv2d(t.reshape(1, n * c, h, w), weight, padding=pad, groups=n * c)
-        return out.reshape(n, c, h, w)
+        kh, kw = k.shape[1], k.shape[2]
+        size = (h + kh - 1, w + kw - 1)
+        spec = torch.fft.rfft2(t.expand(n, c, h, w), s=size) * torch.fft.rfft2(k, s=size)[:, None]
+        out = torch.fft.irfft2(spec, s=size)
+        return out[..., kh // 2:kh // 2 + h, kw // 2:kw // 2 + w].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, True, "image")
