@@ -253,3 +253,38 @@ def test_restore_measurements_refuses_what_cannot_work(models, tmp_path, capsys)
     code, _, err = run(restore_args(root / "ambient", meas, tmp_path / "r.npz"), capsys)
     assert code == 2 and "mask-input" in err
     assert not (tmp_path / "r.npz").exists()
+
+
+def test_unstable_restorations_get_a_notice_and_non_finite_ones_stop_with_exit_1(models, tmp_path, capsys):
+    """DPS with an absurd step leaves every plausible range: a notice naming the count and what to try; with an
+    infinite step the values are non-finite: one line, exit 1, no --out and no grid written."""
+    root, obs = models
+    out = tmp_path / "r.npz"
+    code, _, err = run(restore_args(root / "naive", obs, out, "--method", "dps", "--dps-step", "1e6"), capsys)
+    assert code == 0 and "notice:" in err and "beyond ±10" in err and "--dps-step" in err
+    out.unlink()
+    out.with_name("r_grid.png").unlink()
+    code, _, err = run(restore_args(root / "naive", obs, out, "--method", "dps", "--dps-step", "3e38"), capsys)
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "diverged" in errors[0] and "--dps-step" in errors[0] and "nothing written" in errors[0]
+    assert not out.exists() and not out.with_name("r_grid.png").exists()
+
+
+def test_check_diverged_passes_finite_restorations_and_flags_the_first_non_finite_one():
+    import torch
+
+    from ambient.errors import SamplingDiverged
+    from ambient.sampling.restore import RestoreConfig, Restored, check_diverged
+
+    cfg = RestoreConfig(method="mmps")
+    ok = torch.rand(3, 1, 4, 4) * 2 - 1
+    ok[2, 0, 0, 0] = 5e3  # far, but finite: counted, not fatal
+    check_diverged(ok, [5, 6, 7], cfg)
+    assert Restored(ok, torch.arange(3)).far == 1
+    bad = ok.clone()
+    bad[1, 0, 2, 2] = float("nan")
+    bad[2, 0, 0, 0] = float("inf")
+    with pytest.raises(SamplingDiverged, match=r"2 of 3 .* observation 6.*--sigma-y"):
+        check_diverged(bad, [5, 6, 7], cfg, operator_sigma_y=0.01)

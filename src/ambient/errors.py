@@ -11,3 +11,7 @@ class AmbientInputError(AmbientError, ValueError):
 
 class TrainingDiverged(AmbientError, RuntimeError):
     """Training stopped: too many consecutive steps had a non-finite loss or gradient (exit 1)."""
+
+
+class SamplingDiverged(AmbientError, RuntimeError):
+    """Sampling or restoring stopped: a trajectory left every plausible range (non-finite or huge values; exit 1)."""

@@ -14,7 +14,7 @@ import sys
 import click
 
 from ambient import __version__
-from ambient.errors import TrainingDiverged
+from ambient.errors import SamplingDiverged, TrainingDiverged
 
 EXIT_USAGE = 2
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.ClickException as exc:
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code or EXIT_USAGE)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, SamplingDiverged) as exc:
         click.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(1)
     except (ValueError, OSError) as exc:

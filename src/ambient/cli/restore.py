@@ -45,7 +45,14 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
     from ambient.data.datasets import load_dataset
     from ambient.distributed import resolve_device
     from ambient.operators.measurements import is_measurements_file, load_measurements
-    from ambient.sampling.restore import check_inputs, check_restore_out, restore_distributed, write_restored
+    from ambient.sampling.restore import (
+        FAR_ABS,
+        check_inputs,
+        check_restore_out,
+        hint_for,
+        restore_distributed,
+        write_restored,
+    )
     from ambient.store.models import load_model
 
     out = check_restore_out(out, data)
@@ -67,6 +74,11 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
         if result.consistency is not None:
             c = result.consistency
             click.echo(f"data consistency ‖A x − y‖ / ‖y‖: mean {float(c.mean()):.4g}, max {float(c.max()):.4g}")
+        if result.far:
+            op_sy = float(observations.operator.sigma_y) if measured else None
+            click.echo(f"notice: {result.far} of {len(result.images)} restorations have values beyond ±{FAR_ABS:g} "
+                       "(images in [-1, 1]; clipped in 'images'): the posterior steps were unstable; try "
+                       f"{hint_for(cfg, op_sy)}", err=True)
 
 
 def register(group: click.Group) -> None:

@@ -27,7 +27,7 @@ from ambient import distributed as dist_utils
 from ambient.configbase import ConfigBase, is_int
 from ambient.data.datasets import ImageDataset
 from ambient.data.images import float_to_uint8, save_grid
-from ambient.errors import AmbientInputError
+from ambient.errors import AmbientInputError, SamplingDiverged
 from ambient.io import atomic_save_npz
 from ambient.operators.mask import MaskOperator
 from ambient.operators.measurements import Measurements
@@ -39,6 +39,10 @@ from ambient.sampling.solvers import SOLVERS, solver_by_name
 from ambient.store.models import LoadedModel, reimport_hint
 
 METHODS = ("mmps", "dps", "project", "ambient-mean")
+# Restorations live in [-1, 1] (model units). Beyond ±FAR_ABS a restoration is implausible (an unstable posterior
+# step, e.g. MMPS with σ_y = 0 and a poorly trained prior, or through an ill-conditioned operator): counted and
+# reported; non-finite ones stop the restore.
+FAR_ABS = 10.0
 FULL_IMAGE_METHODS = ("mmps", "dps", "project")
 
 
@@ -85,6 +89,11 @@ class Restored:
     seconds: float = 0.0
     calls: dict = field(default_factory=lambda: {"forward": 0, "vjp": 0})  # per batch call, summed
     consistency: torch.Tensor | None = None  # operator measurements: ‖A x − y‖ / ‖y‖ per restoration
+
+    @property
+    def far(self) -> int:
+        """How many restorations have a value beyond ±FAR_ABS in model units (an unstable posterior step)."""
+        return int(far_rows(self.images).sum()) if len(self.images) else 0
 
 
 def is_mask_input(loaded: LoadedModel) -> bool:
@@ -159,12 +168,42 @@ def restore_rows(loaded: LoadedModel, data: ImageDataset, rows: list[int], cfg: 
     x = SeedNoise([cfg.seed + j for j in rows], stream=NOISE_STREAM, device=device).randn(shape)
     with torch.no_grad():
         out = solver_by_name(cfg.solver)(wrapper, x * sigmas[0], sigmas)
+    check_diverged(out, obs, cfg, operator_sigma_y=float(op.sigma_y) if isinstance(data, Measurements) else None)
     return out.float().cpu(), dict(wrapper.calls)
 
 
+def hint_for(cfg: RestoreConfig, operator_sigma_y: float | None = None) -> str:
+    """What to try when ``cfg.method``'s restorations leave every plausible range."""
+    return {"mmps": "a larger --sigma-y (MMPS uses max(--sigma-y, the data's σ_y"
+                    + ("" if operator_sigma_y is None else f" = {operator_sigma_y:.3g} in model units") + ")) "
+                    "or more --steps",
+            "dps": "a smaller --dps-step, a larger --sigma-y, or --method mmps",
+            "project": "more --steps", "ambient-mean": "a larger --sigma-y"}[cfg.method]
+
+
+def far_rows(out: torch.Tensor) -> torch.Tensor:
+    """Per restoration: True when a value is beyond ±FAR_ABS in model units (non-finite counts too)."""
+    flat = out.reshape(out.shape[0], -1)
+    return ~(flat.abs() <= FAR_ABS).all(dim=1)
+
+
+def check_diverged(out: torch.Tensor, obs: list[int], cfg: RestoreConfig, *,
+                   operator_sigma_y: float | None = None) -> None:
+    """:class:`SamplingDiverged` (one line: how many, which observation first, what to try) when a restoration has
+    a non-finite value; raised at the first such batch, before anything is written."""
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+    if not bool(bad.any()):
+        return
+    first = obs[int(bad.nonzero()[0])]
+    raise SamplingDiverged(f"restore --method {cfg.method} diverged: {int(bad.sum())} of {len(obs)} restorations in "
+                           f"this batch have non-finite values (first: observation {first}); nothing written; "
+                           f"try {hint_for(cfg, operator_sigma_y)}")
+
+
 def restore(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, device: torch.device | str = "cpu",
-            rows: list[int] | None = None, progress: bool = False) -> Restored:
-    """Restore every observation of ``data`` ``cfg.num_per_image`` times (or only output ``rows``)."""
+            rows: list[int] | None = None, progress: bool = False, consistency: bool = True) -> Restored:
+    """Restore every observation of ``data`` ``cfg.num_per_image`` times (or only output ``rows``); with
+    ``consistency`` (operator measurements) also each restoration's ‖A x − y‖ / ‖y‖."""
     check_inputs(loaded, data, cfg)
     total = len(data) * cfg.num_per_image
     rows = list(range(total)) if rows is None else [int(j) for j in rows]
@@ -182,7 +221,7 @@ def restore(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, devi
     out = torch.cat(images) if images else torch.empty((0, *data.shape))
     index = torch.tensor([j // cfg.num_per_image for j in rows], dtype=torch.int64)
     seconds = time.perf_counter() - t0
-    consistency = data.consistency(out, index) if isinstance(data, Measurements) else None
+    consistency = data.consistency(out, index) if consistency and isinstance(data, Measurements) else None
     return Restored(out, index, seconds, calls, consistency)
 
 
@@ -197,7 +236,8 @@ def restore_distributed(loaded: LoadedModel, data: ImageDataset, cfg: RestoreCon
     total = len(data) * cfg.num_per_image
 
     def work(mine: list[int]):
-        part = restore(loaded, data, cfg, device=env.device, rows=mine, progress=progress and env.rank == 0)
+        part = restore(loaded, data, cfg, device=env.device, rows=mine, progress=progress and env.rank == 0,
+                       consistency=False)  # rank 0 computes it once, on every row
         return part.images, (part.seconds, part.calls)
 
     gathered = dist_utils.shard_and_gather(total, work, env)
