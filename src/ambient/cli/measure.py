@@ -92,7 +92,8 @@ def read_kernel(path: str):
 @click.option("--data-dir", default=None, help="Folder holding builtin datasets' files.")
 @click.option("--probability", type=float, default=None,
               help="mask: p, the share of pixels hidden; masks drawn per image as ambient train "
-                   "--corruption-probability p --seed N draws them.")
+                   "--corruption-probability p --seed N draws them. 0 with --sigma-y S: noise only, the images "
+                   "plus noise of std S (for ambient em, and ambient train --objective noisy --noise-sigma S).")
 @click.option("--mask-full-rgb", is_flag=True, default=None,
               help="mask: one draw per pixel for all its channels (default: per channel, as ambient train).")
 @click.option("--blur-sigma", type=float, default=None, help="blur: a Gaussian PSF of this std in pixels "
