@@ -290,3 +290,24 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --pretrained") and "\n" not in err
+
+
+def test_a_model_finetuned_on_float_data_samples_in_the_datas_units(tmp_path):
+    """The export records the data's value_range and dtype (as train runs do), so `ambient sample` writes
+    float samples in those units beside the uint8 ones."""
+    pre = save_pipeline(tmp_path / "pre", tiny_unet())
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-3.0, 5.0, (6, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", images=images, value_range=np.asarray([-3.0, 5.0]))
+    for args in (["finetune", "--pretrained", str(pre), "--data", str(tmp_path / "f.npz"),
+                  "--corruption-probability", "0.5", "--delta-probability", "0.1", "--batch", "2", "--steps", "1",
+                  "--snapshot-every", "1", "--device", "cpu", "--outdir", str(tmp_path / "a")],
+                 ["sample", "--model", str(tmp_path / "a"), "--num", "2", "--out", str(tmp_path / "s.npz"),
+                  "--steps", "3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 0
+    data = json.loads((tmp_path / "a" / "config.json").read_text())["data"]
+    assert data == {"value_range": [-3.0, 5.0], "dtype": "float32"}
+    out = np.load(tmp_path / "s.npz")
+    assert out["value_range"].tolist() == [-3.0, 5.0] and out["images"].dtype == np.float32

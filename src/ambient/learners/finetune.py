@@ -230,6 +230,8 @@ def _finetune(config: FinetuneConfig, log: Callable[[str], None] | None, lock: O
             be.copy_(b)
     export_finetuned(outdir, (ema if ema is not None else net).cpu(), scheduler, {
         "model": _model_section(net, scheduler, config, ds, final), "sampling": _sampling_section(config, ds),
-        "finetune": config.to_dict()})
+        "finetune": config.to_dict(),
+        # the data's units, so that `ambient sample` writes floats in them (as for train runs)
+        "data": {"value_range": list(ds.value_range), "dtype": ds.kind}})
     log(f"exported {outdir} (step {final})")
     return outdir
