@@ -1,5 +1,5 @@
-"""Training objectives: ``losses`` (the ambient loss and plain EDM's, as loss objects; the σ weightings)
-and ``ddpm_loss`` (the ambient loss for finetuning DDPM-parameterised UNets)."""
+"""Training objectives: ``losses`` (the ambient loss, plain EDM's and the loss on noisy data at a known noise level,
+as loss objects; the σ weightings) and ``ddpm_loss`` (the ambient loss for finetuning DDPM-parameterised UNets)."""
 
 from ambient.objectives.losses import AmbientLoss, EDMLoss
 
