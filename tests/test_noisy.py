@@ -140,6 +140,31 @@ def test_sigma_law_weights_and_stop():
     assert not training_loss("noisy", noise_sigma=0.1).mask_input
 
 
+def test_the_stopped_sampler_with_the_exact_denoiser_gives_the_clean_estimates_law():
+    """Sampled down to σ_stop (the spec's stop on the denoiser) and then D(x_σ_stop, σ_stop), the exact clean
+    denoiser gives N(μ, Σ (Σ + σ_stop² I)⁻¹ Σ), exact moments of the Heun sampler; sampled to 0.002, N(μ, Σ)."""
+    from ambient.data.corruption import Corruption
+    from ambient.nets.oracle import fixed_mask_sampler_moments, relative_covariance_error
+    from ambient.nets.registry import SamplingSpec
+    from ambient.sampling.fixed_mask import model_sigmas
+
+    mean, cov = gaussian()
+    stop = noisy_sigma_stop(SIGMA_N)
+    spec = SamplingSpec(Corruption(), noise_sigma=SIGMA_N, sigma_stop=stop)
+    assert SamplingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    stopped = spec.fit_sigma_range(GaussianDenoiser(mean, cov, SHAPE))
+    full = SamplingSpec(Corruption()).fit_sigma_range(GaussianDenoiser(mean, cov, SHAPE))
+    assert stopped.sigma_min == stop and full.sigma_min == 0.002
+    eye = torch.eye(mean.numel(), dtype=torch.float64)
+    shrunk = cov @ torch.linalg.inv(cov + stop**2 * eye) @ cov
+    ones = torch.ones(1, mean.numel())
+    m, c = fixed_mask_sampler_moments(mean, cov, ones, model_sigmas(stopped, 40))
+    assert relative_covariance_error(c, shrunk) < 0.03 < 0.08 < relative_covariance_error(c, cov)
+    assert float((m - mean).abs().max()) < 0.01
+    _, c_full = fixed_mask_sampler_moments(mean, cov, ones, model_sigmas(full, 40))
+    assert relative_covariance_error(c_full, cov) < 0.03
+
+
 # ------------------------------------------------------------------------------------------------ CLI, end to end
 
 TINY = ["--arch", "tiny", "--batch", "8", "--snapshot-kimg", "0.016", "--tick-kimg", "0.008", "--grid-samples", "4",
