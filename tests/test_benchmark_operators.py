@@ -14,7 +14,7 @@ def test_smoke_mode_writes_every_row(tmp_path):
     out = json.loads((tmp_path / "operators_smoke.json").read_text())
     methods = [r["method"] for r in out["rows"]]
     assert methods[0].startswith("clean phantoms")
-    for want in ("zero-filled", "TV-CS", "Gaussian (EM lap 0)", "EM prior", "clean prior"):
+    for want in ("zero-filled", "TV-CS", "Gaussian (EM lap 0)", "EM prior", "clean prior", "ambient k-space"):
         assert any(m.startswith(want) for m in methods), (want, methods)
     for r in out["rows"][1:]:
         assert r["R"] == 4 and math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1

@@ -68,10 +68,11 @@ def sampling_further_masks(masks: torch.Tensor, delta: float, keep: torch.Tensor
 @torch.no_grad()
 def kspace_ambient_sample(denoiser, masks: torch.Tensor, delta: float, keep: torch.Tensor | None,
                           seeds: Sequence[int], image_shape: Sequence[int], *, num_steps: int = 18,
-                          batch: int = 100) -> torch.Tensor:
+                          batch: int = 100, sigma_min: float | None = None) -> torch.Tensor:
     """``len(seeds)`` samples (N, C, H, W) float32 by Heun with one fixed further operator per sample (the law:
-    acquisition masks ``masks`` (K, H, W), then δ with ``keep``); a seed gives the same sample at any batch."""
-    sigmas = edm_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
+    acquisition masks ``masks`` (K, H, W), then δ with ``keep``); a seed gives the same sample at any batch.
+    ``sigma_min``: the last noise level (default the denoiser's); the sample is D there."""
+    sigmas = edm_sigmas(num_steps, denoiser.sigma_min if sigma_min is None else sigma_min, denoiser.sigma_max)
     outs = []
     for start in range(0, len(seeds), batch):
         chunk = [int(s) for s in seeds[start:start + batch]]
@@ -86,12 +87,13 @@ def kspace_ambient_sample(denoiser, masks: torch.Tensor, delta: float, keep: tor
 @torch.no_grad()
 def kspace_ambient_restore(denoiser, y: torch.Tensor, op: KSpaceOperator, *, delta: float = 0.0,
                            keep: torch.Tensor | None = None, draws: int = 1, seed: int = 0,
-                           consistency: bool = True) -> torch.Tensor:
+                           consistency: bool = True, sigma: float | None = None) -> torch.Tensor:
     """Restorations (N, C, H, W) of measurements ``y`` of the single-coil ``op``: the network's prediction at
     σ_min from A⁺y with A's seen spectrum (``delta`` 0), or the mean over ``draws`` further operators B_k ∘ A at
-    ``delta`` (from ``seed``); then, if ``consistency``, D + A⁺(y − A D)."""
+    ``delta`` (from ``seed``); then, if ``consistency``, D + A⁺(y − A D). ``sigma``: the noise level the network is
+    told (default its σ_min); the input is noiseless either way."""
     n = y.shape[0]
-    sigma = torch.full((n,), float(denoiser.sigma_min))
+    sigma = torch.full((n,), float(denoiser.sigma_min if sigma is None else sigma))
     masks = op.mask.expand(n, -1, -1) if op.mask.shape[0] == 1 else op.mask
     total = 0.0
     for k in range(draws):
