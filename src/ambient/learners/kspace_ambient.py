@@ -54,6 +54,8 @@ class KSpaceAmbientConfig(ConfigBase, what="k-space ambient"):
     ema: float = 0.5  # EMA half-life in thousands of images
     seed: int = 0
     sigma_data: float = 0.5
+    P_mean: float = -1.2  # the training σ law, exp(N(P_mean, P_std²)) (EDM's)
+    P_std: float = 1.2
 
     def check(self) -> None:
         if not 0.0 < self.corruption_probability < 1.0:
@@ -63,7 +65,7 @@ class KSpaceAmbientConfig(ConfigBase, what="k-space ambient"):
             self.fail("arch", f"must be one of {', '.join(PRESETS)}, got {self.arch!r}")
         if not is_int(self.batch, 1):
             self.fail("batch", f"must be an integer >= 1, got {self.batch!r}")
-        for name in ("lr", "kimg", "ema", "sigma_data"):
+        for name in ("lr", "kimg", "ema", "sigma_data", "P_std"):
             if not float(getattr(self, name)) > 0:
                 self.fail(name, f"must be positive, got {getattr(self, name)!r}")
         if not is_int(self.seed, 0):
@@ -113,7 +115,7 @@ def train_kspace_ambient(cfg: KSpaceAmbientConfig, *, log=print) -> Path:
     torch.random.set_rng_state(state)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = KSpaceAmbientLoss(sigma_data=cfg.sigma_data)
+    loss_fn = KSpaceAmbientLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data)
     out.mkdir(parents=True, exist_ok=True)
     steps = max(1, round(cfg.kimg * 1000 / cfg.batch))
     t0, running = time.perf_counter(), []
