@@ -293,4 +293,8 @@ def test_train_refuses_a_shared_mask_and_bad_delta(tmp_path):
     with pytest.raises(AmbientInputError, match="--corruption-probability"):
         train_kspace_ambient(KSpaceAmbientConfig(data=str(data), outdir=str(tmp_path / "r"),
                                                  corruption_probability=0.0))
+    noisy = KSpaceOperator(op.mask, SHAPE, sigma_y=0.1)
+    data = save_measurements(tmp_path / "noisy.npz", noisy.add_noise(noisy(x0)), noisy, (-1.0, 1.0))
+    with pytest.raises(AmbientInputError, match="noisy"):
+        train_kspace_ambient(KSpaceAmbientConfig(data=str(data), outdir=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()

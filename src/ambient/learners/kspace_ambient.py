@@ -80,6 +80,9 @@ def check_kspace_data(meas: Measurements, where: str) -> tuple[torch.Tensor, tor
         raise AmbientInputError(f"--data {where}: k-space ambient training needs single-coil k-space measurements "
                                 f"(ambient measure --operator kspace), got {meas.spec.get('kind')!r}"
                                 f"{' with coils' if isinstance(op, KSpaceOperator) else ''}")
+    if meas.sigma_y > 0:
+        raise AmbientInputError(f"--data {where}: the measurements are noisy (σ_y = {meas.spec.get('sigma_y')}); "
+                                "k-space ambient training assumes noiseless k-space (its input would carry σ_y too)")
     if op.num_operators != len(meas) or len(meas) < 2:
         raise AmbientInputError(f"--data {where}: needs one line mask per observation (a shared mask hides the "
                                 f"same frequencies in every observation: nothing can learn them)")
