@@ -2,7 +2,8 @@
 ensemble as a full-image denoiser, ``ambient_sample``), ``posterior`` (posterior denoisers: MMPS, DPS,
 projection; MMPS draws for EM), ``generate`` (images from a model folder, class labels, seed lists),
 ``restore`` (posterior samples for corrupted observations or operator measurements), ``classical``
-(zero-filled and total-variation compressed-sensing reconstructions: the classical baselines)."""
+(zero-filled and total-variation compressed-sensing reconstructions: the classical baselines), ``fixed_operator``
+(the k-space ambient network's fixed-operator sampler and one-step restore)."""
 
 from ambient.sampling.fixed_mask import FixedMaskEnsemble, ambient_sample
 
