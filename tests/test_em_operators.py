@@ -113,3 +113,71 @@ def test_masked_float_data_keeps_its_units_in_completions_and_restorations(tmp_p
     assert code == 0, err
     with np.load(tmp_path / "r.npz") as r:
         assert r["images_float"].dtype == np.float32 and r["value_range"].tolist() == [LO, HI]
+
+
+def test_restore_with_the_em_runs_gaussian_mean_and_draws(em_operator_run, capsys, tmp_path):
+    """`ambient restore --method gaussian-mean | gaussian-sample --model <em run>`: no network; the mean is the same
+    image for every draw and fits the measurements better than the prior's mean image; draws differ and do not
+    depend on the batch; float outputs in the data's units."""
+    from ambient.io import read_npz
+    from ambient.learners.gaussian_prior import GaussianPrior
+
+    root, data = em_operator_run
+    outs = {}
+    for method, batch in (("gaussian-mean", "64"), ("gaussian-sample", "64"), ("gaussian-sample", "3")):
+        out = tmp_path / f"{method}-{batch}.npz"
+        code, stdout, err = run(["restore", "--model", str(root / "run" / "lap-01"), "--data", str(data), "--out",
+                                 str(out), "--method", method, "--num-per-image", "2", "--batch", batch], capsys)
+        assert code == 0, err
+        assert "data consistency" in stdout
+        outs[(method, batch)] = np.load(out)
+    mean = outs[("gaussian-mean", "64")]
+    x = mean["images_float"]
+    assert mean["value_range"].tolist() == [LO, HI] and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0::2], x[1::2])  # the mean: one image per observation
+    prior = GaussianPrior.from_arrays(read_npz(root / "run" / "gaussian.npz"))
+    meas = load_measurements(data)
+    index = torch.from_numpy(mean["index"])
+    model_units = 2 * (torch.from_numpy(x).permute(0, 3, 1, 2).double() - LO) / (HI - LO) - 1
+    prior_mean = prior.mean.reshape(1, *prior.shape).expand_as(model_units)
+    assert float(meas.consistency(model_units, index).median()) < \
+        0.5 * float(meas.consistency(prior_mean, index).median())
+    a, b = outs[("gaussian-sample", "64")]["images_float"], outs[("gaussian-sample", "3")]["images_float"]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * (HI - LO))  # per-seed draws, whatever the batch
+    assert np.abs(a[0::2] - a[1::2]).max() > 1e-3 * (HI - LO)  # two draws of one observation differ
+
+
+def test_gaussian_restore_refuses_a_model_that_is_not_an_em_run(tmp_path, capsys):
+    data = write(tmp_path / "meas.npz", "kspace", n=4)
+    (tmp_path / "notarun").mkdir()
+    code, _, err = run(["restore", "--model", str(tmp_path / "notarun"), "--data", str(data), "--out",
+                        str(tmp_path / "r.npz"), "--method", "gaussian-mean"], capsys)
+    assert code == 2 and "--model" in err and "ambient em run" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_gaussian_mean_is_the_closed_form_posterior_mean():
+    """Against the dense formula μ + Σ Aᵀ (A Σ Aᵀ + s² I)⁻¹ (y − A μ) for a pixel mask and for k-space."""
+    from ambient.learners.gaussian_prior import GaussianPrior
+    from ambient.learners.gaussian_restore import restore_gaussian
+    from ambient.operators.measurements import Measurements
+    from ambient.sampling.restore import RestoreConfig
+
+    g = torch.Generator().manual_seed(3)
+    d, shape = 16, (1, 4, 4)
+    w = torch.randn(d, 3, generator=g, dtype=torch.float64) * 0.4
+    prior = GaussianPrior(torch.randn(d, generator=g, dtype=torch.float64) * 0.1, w,
+                          torch.full((d,), 0.05, dtype=torch.float64), shape)
+    cov = prior.covariance()
+    op = KSpaceOperator(cartesian_mask(2, 4, 4, 2, 0.25, seed=1), shape, sigma_y=0.05)
+    x = torch.randn(2, *shape, generator=g, dtype=torch.float64) * 0.3
+    y = op.add_noise(op(x), torch.Generator().manual_seed(1))
+    meas = Measurements(y=y, operator=op, value_range=(-1.0, 1.0), spec=op.spec(), source="test",
+                        y_norm=y.flatten(1).norm(dim=1))
+    got = restore_gaussian(prior, meas, RestoreConfig(method="gaussian-mean")).images.double()
+    for i in range(2):  # the operator as a dense matrix, column by column
+        one = op.select([i])
+        a = torch.stack([one(e.reshape(1, *shape)).flatten() for e in torch.eye(d, dtype=torch.float64)], dim=1)
+        k = a @ cov @ a.T + 0.05**2 * torch.eye(a.shape[0], dtype=torch.float64)
+        want = prior.mean + cov @ a.T @ torch.linalg.lstsq(k, y[i].flatten() - a @ prior.mean).solution
+        torch.testing.assert_close(got[i].flatten(), want, atol=2e-4, rtol=0)

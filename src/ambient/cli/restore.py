@@ -22,7 +22,9 @@ _D = RestoreConfig()
                    "posterior sampling), project (replace the observed pixels of each estimate by y): posterior "
                    "samples, for models with a full-image denoiser (clean- or naive-trained). ambient-mean: "
                    "for ambient (mask-input) models, D(A⊙y, A) with the observation's own mask, which is the "
-                   "posterior MEAN, not a sample (one network call; every draw of an observation is the same).")
+                   "posterior MEAN, not a sample (one network call; every draw of an observation is the same). "
+                   "gaussian-mean / gaussian-sample: no network: the Gaussian prior an ambient em run fitted at lap 0 "
+                   "(--model: the em run folder), its exact posterior mean or exact posterior draws.")
 @click.option("--steps", type=click.IntRange(min=1), default=_D.steps, show_default=True, help="Sampler steps.")
 @click.option("--cg-iters", type=click.IntRange(min=1), default=_D.cg_iters, show_default=True,
               help="MMPS: conjugate-gradient iterations (cost per call: 1 forward + cg-iters + 1 VJPs).")
@@ -59,11 +61,20 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
     cfg = RestoreConfig(method=method, steps=steps, cg_iters=cg_iters, num_per_image=num_per_image,
                         sigma_y=sigma_y, seed=seed, batch=batch, dps_step=dps_step, solver=solver)
     measured = is_measurements_file(data)
+    gaussian = method in ("gaussian-mean", "gaussian-sample")
+    if gaussian:  # the em run's lap-0 Gaussian: read before the data, so a wrong --model fails first
+        from ambient.learners.gaussian_restore import check_gaussian_inputs, em_gaussian, restore_gaussian
+
+        prior, meta = em_gaussian(model)
     observations = load_measurements(data, max_size=max_size) if measured else load_dataset(data, max_size=max_size)
-    dev = resolve_device(device)
-    loaded = load_model(model, use_ema=ema, device=dev)
-    check_inputs(loaded, observations, cfg, data_name=str(data), model_name=str(model))
-    result = restore_distributed(loaded, observations, cfg, device=device, progress=True)
+    if gaussian:
+        check_gaussian_inputs(prior, meta, observations, cfg, data_name=str(data), model_name=str(model))
+        result = restore_gaussian(prior, observations, cfg)
+    else:
+        dev = resolve_device(device)
+        loaded = load_model(model, use_ema=ema, device=dev)
+        check_inputs(loaded, observations, cfg, data_name=str(data), model_name=str(model))
+        result = restore_distributed(loaded, observations, cfg, device=device, progress=True)
     if result is not None:
         first = list(range(min(8, len(observations))))
         shown = observations.zero_filled(first) if measured else observations.batch(first)[0]

@@ -9,7 +9,9 @@ the number of torchrun processes. Methods (see :mod:`ambient.sampling.posterior`
 * ``mmps``, ``dps``, ``project``: posterior samples, for models with a full-image denoiser
   (clean- or naive-trained runs, finetuned diffusers models trained without masks);
 * ``ambient-mean``: for ambient (mask-input) models, D(A ⊙ y, σ_obs, A): the posterior *mean*
-  (one network call; all M draws of an observation are the same image).
+  (one network call; all M draws of an observation are the same image);
+* ``gaussian-mean``, ``gaussian-sample``: no network: the lap-0 Gaussian of an ``ambient em`` run
+  (:mod:`ambient.learners.gaussian_restore`, which the CLI calls instead of :func:`restore`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection
 from ambient.sampling.solvers import SOLVERS, solver_by_name
 from ambient.store.models import LoadedModel, reimport_hint
 
-METHODS = ("mmps", "dps", "project", "ambient-mean")
+METHODS = ("mmps", "dps", "project", "ambient-mean", "gaussian-mean", "gaussian-sample")
 # Restorations live in [-1, 1] (model units). Beyond ±FAR_ABS a restoration is implausible (an unstable posterior
 # step, e.g. MMPS with σ_y = 0 and a poorly trained prior, or through an ill-conditioned operator): counted and
 # reported; non-finite ones stop the restore.
@@ -178,7 +180,7 @@ def hint_for(cfg: RestoreConfig, operator_sigma_y: float | None = None) -> str:
                     + ("" if operator_sigma_y is None else f" = {operator_sigma_y:.3g} in model units") + ")) "
                     "or more --steps",
             "dps": "a smaller --dps-step, a larger --sigma-y, or --method mmps",
-            "project": "more --steps", "ambient-mean": "a larger --sigma-y"}[cfg.method]
+            "project": "more --steps", "ambient-mean": "a larger --sigma-y"}.get(cfg.method, "a larger --sigma-y")
 
 
 def far_rows(out: torch.Tensor) -> torch.Tensor:
