@@ -24,7 +24,7 @@ from ambient.io import read_npz
 from ambient.learners.gaussian_prior import GaussianPrior, operator_posterior
 from ambient.operators.mask import MaskOperator
 from ambient.operators.measurements import Measurements
-from ambient.sampling.restore import RestoreConfig, Restored
+from ambient.sampling.restore import RestoreConfig, Restored, check_shape
 
 GAUSSIAN_METHODS = ("gaussian-mean", "gaussian-sample")
 
@@ -54,11 +54,7 @@ def check_gaussian_inputs(prior: GaussianPrior, meta: dict, data: ImageDataset, 
     if not isinstance(data, Measurements) and not data.has_data_masks:
         raise AmbientInputError(f"--data {data_name}: no masks (need an npz with 'images' and 'masks', or a folder "
                                 "with images/ and masks/), or measurements ('y', 'operator', 'value_range')")
-    if tuple(data.shape) != tuple(prior.shape):
-        c, h, w = data.shape
-        mc, mh, mw = prior.shape
-        raise AmbientInputError(f"--data {data_name}: images are {h}x{w} with {c} channel(s), but --model "
-                                f"{model_name}'s Gaussian is over {mh}x{mw} with {mc}")
+    check_shape(data, prior.shape, data_name, f"{model_name}'s Gaussian is over")
     if isinstance(data, Measurements) and meta.get("value_range") is not None:
         if [float(v) for v in meta["value_range"]] != [float(v) for v in data.value_range]:
             lo, hi = meta["value_range"]

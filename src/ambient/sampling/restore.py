@@ -103,6 +103,15 @@ def is_mask_input(loaded: LoadedModel) -> bool:
     return loaded.sampling.uses_masks
 
 
+def check_shape(data: ImageDataset, shape, data_name: str, model_says: str) -> None:
+    """One line unless the data's images have ``shape`` (C, H, W); ``model_says``: e.g. "runs/x was trained on"."""
+    if tuple(data.shape) != tuple(shape):
+        c, h, w = data.shape
+        mc, mh, mw = shape
+        raise AmbientInputError(f"--data {data_name}: images are {h}x{w} with {c} channel(s), but --model "
+                                f"{model_says} {mh}x{mw} with {mc}")
+
+
 def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *, data_name: str = "",
                  model_name: str = "") -> None:
     """One-line :class:`AmbientInputError` (naming the flag or file) for anything restore cannot use."""
@@ -118,11 +127,7 @@ def check_inputs(loaded: LoadedModel, data: ImageDataset, cfg: RestoreConfig, *,
     elif not data.has_data_masks:
         raise AmbientInputError(f"--data {data_name}: no masks (need an npz with 'images' and 'masks', "
                                 "or a folder with images/ and masks/)")
-    if tuple(data.shape) != tuple(loaded.image_shape):
-        c, h, w = data.shape
-        mc, mh, mw = loaded.image_shape
-        raise AmbientInputError(f"--data {data_name}: images are {h}x{w} with {c} channel(s), but --model "
-                                f"{model_name} was trained on {mh}x{mw} with {mc}")
+    check_shape(data, loaded.image_shape, data_name, f"{model_name} was trained on")
     mask_input = is_mask_input(loaded)
     if mask_input and cfg.method in FULL_IMAGE_METHODS:
         raise AmbientInputError(f"--method {cfg.method}: needs a full-image denoiser, but --model {model_name} "
