@@ -58,7 +58,7 @@ class MMPSBefore(MMPS):
             return x0d + s2 * self._vjp(x0, xg, a.adjoint(v), retain=False)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="small")
     ap.add_argument("--resolution", type=int, default=28)
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "estep_cost.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

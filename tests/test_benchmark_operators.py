@@ -47,3 +47,18 @@ def test_smoke_mode_fashion_blur_and_noise(tmp_path):
         start, end = bench.fashion_marker(case)
         assert page.count(start) == 1 and page.count(end) == 1 and page.index(start) < page.index(end)
     assert "| naive (train on the blurred + noisy images) |" in page and "| – | clean phantoms (held out) |" in page
+
+
+def test_estep_cost_per_operator_runs_and_counts_calls(tmp_path):
+    """benchmarks/estep_cost.py --operators at a toy size: a row per operator, each with the plain sampler's forward
+    calls plus one VJP per call (1 CG iteration), and its time over the mask row's."""
+    import estep_cost
+
+    out = tmp_path / "cost.json"
+    estep_cost.main(["--arch", "tiny", "--resolution", "16", "--batch", "2", "--steps", "3", "--rounds", "1",
+                     "--no-before", "--operators", "mask", "blur", "kspace", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"plain", "mmps", "mmps mask", "mmps blur", "mmps kspace"}
+    for name in ("mmps mask", "mmps blur", "mmps kspace"):
+        assert rows[name]["forward"] == rows["plain"]["forward"] == 5 and rows[name]["vjp"] == 5
+        assert rows[name]["ratio_to_mask"] > 0 and math.isfinite(rows[name]["ratio_to_plain"])
