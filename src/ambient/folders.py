@@ -9,7 +9,9 @@ there by :func:`stamped` (the one writer of the field):
 * ``finetune``: an ``ambient finetune`` outdir (``finetune_options.json`` and, once exported,
   ``config.json``); ``finetune-snapshot``: one of its snapshots;
 * ``imported-model``: an ``ambient import`` folder (``config.json``);
-* ``demo-run``: an ``ambient demo`` outdir (``demo.json``), holding two train runs, ``naive/`` and ``ambient/``.
+* ``demo-run``: an ``ambient demo`` outdir (``demo.json``), holding two train runs, ``naive/`` and ``ambient/``;
+* ``kspace-ambient run``: an ``ambient train`` outdir trained on k-space measurements
+  (:mod:`ambient.learners.kspace_ambient`; ``config.json``, written before its first step).
 
 Folders written before kinds were recorded are recognised by what they hold (:func:`folder_kind`):
 ``em_config.json``, ``finetune_options.json``, a ``config.json`` with an ``imported`` or ``train``
@@ -36,11 +38,13 @@ EM_RUN = "em-run"
 FINETUNE_RUN, FINETUNE_SNAPSHOT = "finetune", "finetune-snapshot"
 IMPORTED_MODEL = "imported-model"
 DEMO_RUN = "demo-run"
+KSPACE_AMBIENT_RUN = "kspace-ambient run"  # the library recorded this spelling before the command existed
 SAMPLE_OUTPUT = "sample-output"  # recognised by its files (a folder of PNGs holds no config)
 OTHER = "other"  # not empty, and no ambient command wrote it
 UNREADABLE = "unreadable"  # its config cannot be read, or names a kind this version does not know
 
-RECORDED = (TRAIN_RUN, TRAIN_SNAPSHOT, EM_RUN, FINETUNE_RUN, FINETUNE_SNAPSHOT, IMPORTED_MODEL, DEMO_RUN)
+RECORDED = (TRAIN_RUN, TRAIN_SNAPSHOT, EM_RUN, FINETUNE_RUN, FINETUNE_SNAPSHOT, IMPORTED_MODEL, DEMO_RUN,
+            KSPACE_AMBIENT_RUN)
 DESCRIPTIONS = {
     TRAIN_RUN: "a train run (ambient train)",
     TRAIN_SNAPSHOT: "a snapshot of a train run",
@@ -49,6 +53,7 @@ DESCRIPTIONS = {
     FINETUNE_SNAPSHOT: "a snapshot of a finetune run",
     IMPORTED_MODEL: "an imported model (ambient import)",
     DEMO_RUN: "a demo run (ambient demo)",
+    KSPACE_AMBIENT_RUN: "a k-space ambient run (ambient train on k-space measurements)",
     SAMPLE_OUTPUT: "a folder of sampled images (ambient sample)",
     OTHER: "a folder that no ambient command wrote",
     UNREADABLE: "a folder whose kind cannot be read",

@@ -1,4 +1,5 @@
-"""`ambient train`: flags → TrainConfig → ambient.learners.train.train."""
+"""`ambient train`: flags → TrainConfig → ambient.learners.train.train; with k-space measurements as --data,
+flags → KSpaceAmbientConfig → ambient.learners.kspace_ambient.train_kspace_ambient."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ _D = TrainConfig()
 
 # (field, click type, help). Each becomes --field-name, with the seed's --field_name accepted too.
 TRAIN_OPTIONS = [
-    ("data", str, "Dataset: builtin:fashion-mnist, builtin:digits, an image folder, an EDM zip or an .npz."),
+    ("data", str, "Dataset: builtin:fashion-mnist, builtin:digits, an image folder, an EDM zip or an .npz; or a "
+                  "k-space measurements .npz (ambient measure --operator kspace): k-space ambient training, which "
+                  "takes --delta-probability, --arch, --batch, --lr, --kimg, --ema, --seed, --outdir and refuses "
+                  "the other flags (its defaults: those of ambient.learners.kspace_ambient.KSpaceAmbientConfig)."),
     ("outdir", str, "Output folder; running again into it resumes from its latest snapshot."),
     ("data_dir", str, "Folder holding builtin datasets' files (else env AMBIENT_DATA, then system paths)."),
     ("max_size", int, "Use only the first N images."),
     ("resolution", int, "Resize images to this square size."),
     ("corruption_probability", float, "p: what the mask A hides (share of pixels for dust)."),
-    ("delta_probability", float, "δ: what the further mask Ã hides on top of A."),
+    ("delta_probability", float, "δ: what the further mask Ã hides on top of A (k-space data: the share of "
+                                  "acquired non-centre line pairs Ã drops, default 0.2)."),
     ("corruption_pattern", click.Choice(PATTERNS), "Mask family."),
     ("mask_full_rgb", bool, "One mask draw per pixel for all its channels (Ã, the sampler's masks, drawn dust A). "
                             "Default: as the data's masks (per pixel when they agree across channels), else per "
@@ -91,9 +96,20 @@ def train_options(func):
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train_command(dry_run: bool, progress: bool, **kwargs):
     """Train a denoiser on corrupted data (ambient) or as a naive/clean EDM baseline."""
+    from ambient.learners import kspace_ambient
     from ambient.learners.train import dry_run as resolve
     from ambient.learners.train import train
 
+    if kspace_ambient.trains_kspace(kwargs["data"], kwargs["objective"]):
+        ctx = click.get_current_context()
+        given = {name for name in kwargs
+                 if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+        kcfg = kspace_ambient.config_from_train_flags(kwargs, given)
+        if dry_run:
+            click.echo(kspace_ambient.dry_run(kcfg))
+            return
+        click.echo(f"done: {kspace_ambient.train_kspace_ambient(kcfg, log=lambda m: click.echo(m, err=True))}")
+        return
     cfg = TrainConfig(**kwargs)
     if dry_run:
         click.echo(resolve(cfg))

@@ -48,6 +48,18 @@ def is_measurements_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def operator_kind(path: str | os.PathLike) -> str | None:
+    """The operator kind (``mask``, ``blur``, ``kspace``, …) a measurements file records, read without its arrays;
+    None when it cannot be read (:func:`load_measurements` then says why)."""
+    try:
+        with np.load(Path(str(path)), allow_pickle=False) as z:
+            spec = json.loads(str(z["operator"][()]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 @dataclass
 class Measurements:
     """Observations in model units: ỹ (N, *measurement shape) float64 and the operator (σ̃_y) of all N."""
