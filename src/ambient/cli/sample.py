@@ -18,7 +18,9 @@ def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
 
 @click.command("sample")
 @click.option("--model", "--network", "model", required=True,
-              help="Training outdir (its latest snapshot), a snapshot folder, or an imported model (ambient import).")
+              help="Training outdir (its latest snapshot), a snapshot folder, or an imported model (ambient import); "
+                   "or a k-space ambient run (ambient train on k-space measurements): its fixed-operator sampler "
+                   "(one further operator per seed from the training law of Ã; --steps, --batch and the seeds only).")
 @click.option("--num-images", "--num", "num", type=click.IntRange(min=1), default=None,
               help="Number of images (--num-images also works under torchrun, whose parser would read --num "
                    "as its own --numa-binding).")
@@ -72,6 +74,13 @@ def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance
     if class_idx is not None and classes_text is not None:
         raise click.BadParameter("give either --class or --classes, not both", param_hint="--class")
     check_sample_out(out)
+    from ambient.learners import kspace_ambient
+
+    if kspace_ambient.is_kspace_run(model):
+        refuse_given(click.get_current_context(), ("num_masks", "guidance_scale", "solver", "clip", "ema", "class_idx",
+                                                   "classes_text"), model, "sample", device)
+        _sample_kspace(model, seeds, out, steps, batch)
+        return
     dev = resolve_device(device)
     loaded = load_model(model, use_ema=ema, device=dev)
     classes = resolve_classes(loaded, class_idx, classes_text)
@@ -85,6 +94,38 @@ def sample_command(model, num, out, seed, seeds_text, steps, num_masks, guidance
         units = "" if value_range is None else (f" (float32 in the training data's units, "
                                                 f"{value_range[0]:g}..{value_range[1]:g} ↔ [-1, 1])")
         click.echo(f"wrote {len(seeds)} images to {path}{units}")
+
+
+def refuse_given(ctx: click.Context, names, model: str, command: str, device: str) -> None:
+    """For a k-space ambient --model: a one-line error naming the first of ``names`` the user typed (those options
+    do not apply to its sampler / restore), or a --device other than cpu / auto (it runs on the CPU)."""
+    from ambient.configbase import flag_error
+    from ambient.learners.kspace_ambient import DEVICES
+
+    for name in names:
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+            how = {"sample": "its fixed-operator Heun sampler", "restore": "its one-step posterior mean + data "
+                                                                                       "consistency"}[command]
+            raise flag_error(next(p.opts[0] for p in ctx.command.params if p.name == name),
+                             f"does not apply to a k-space ambient model (--model {model}: ambient {command} uses "
+                             f"{how}); leave it out")
+    if device not in DEVICES:
+        raise flag_error("device", f"--model {model} is a k-space ambient run, which runs on the CPU; give --device "
+                                   f"cpu or auto, got {device!r}")
+
+
+def _sample_kspace(model: str, seeds: list[int], out: str, steps: int, batch: int) -> None:
+    from ambient.learners.kspace_ambient import load_kspace_ambient
+    from ambient.sampling.fixed_operator import kspace_ambient_sample
+    from ambient.sampling.generate import write_samples
+
+    m = load_kspace_ambient(model)
+    images = kspace_ambient_sample(m.denoiser, m.masks, m.delta, m.keep, seeds, m.image_shape, num_steps=steps,
+                                   batch=batch)
+    path = write_samples(Path(out), images, value_range=m.value_range)  # measurements are float data
+    lo, hi = m.value_range
+    click.echo(f"wrote {len(seeds)} images to {path} (float32 in the training data's units, {lo:g}..{hi:g} ↔ "
+               "[-1, 1])")
 
 
 def register(group: click.Group) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ambient.errors import AmbientInputError
-from ambient.folders import EM_RUN, FINETUNE_RUN, describe, folder_kind_why
+from ambient.folders import EM_RUN, FINETUNE_RUN, KSPACE_AMBIENT_RUN, describe, folder_kind_why
 from ambient.io import read_json
 from ambient.nets.registry import ModelConfig, SamplingSpec, build_denoiser
 from ambient.store.snapshots import latest_snapshot, load_snapshot
@@ -48,6 +48,10 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if kind == EM_RUN:
         raise AmbientInputError(f"--model {p}: is an em run with no finished lap yet (no {MODEL_POINTER}); "
                                 "run ambient em until a lap finishes, or give a lap-XX folder")
+    if kind == KSPACE_AMBIENT_RUN:
+        raise AmbientInputError(f"--model {p}: is a k-space ambient run (ambient train on k-space measurements), "
+                                "whose network sees k-space projections, not full images or pixel masks; only "
+                                "ambient sample and ambient restore --model take it")
     if kind == FINETUNE_RUN and _is_finetune_export(p):
         raise AmbientInputError(f"--model {p}: is a finetune run (a diffusers model), not an ambient training "
                                 "run or snapshot")
