@@ -103,14 +103,15 @@ PATH_VALUES = [("a-file", "@file.txt"), ("empty-folder", "@empty-dir"), ("other-
                ("in-a-read-only-folder", "@read-only/new"), ("data-npz", "@data.npz"),
                ("observations-npz", "@obs.npz"), ("train-run", "@train-run"), ("em-run", "@em-run"),
                ("conditional-run", "@cond-run"), ("finetune-run", "@finetune-run"), ("imported-model", "@imported"),
-               ("diffusers-folder", "@pretrained")]
+               ("diffusers-folder", "@pretrained"), ("kspace-measurements", "@kspace.npz"),
+               ("kspace-run", "@kspace-run")]
 CHOICE_GARBAGE = [("empty", ""), ("bogus", "bogus")]
 
 # Templates that are folders of a kind (what the commands write); no command may add, change or remove a file in
 # one, except a command given a folder of its own kind as its output (a resume). The other templates (data, a
 # diffusers folder, a user's folders) may gain files when given as an output, but never lose or change one.
 KIND_FOLDERS = {"train-run": "train run", "naive-run": "train run", "cond-run": "train run", "em-run": "em run",
-                "finetune-run": "finetune run", "imported": "imported model"}
+                "finetune-run": "finetune run", "imported": "imported model", "kspace-run": "kspace-ambient run"}
 OWN_OUTPUT = {("train", "outdir"): "train run", ("demo", "outdir"): "demo run", ("em", "outdir"): "em run",
               ("finetune", "outdir"): "finetune run"}
 
@@ -289,6 +290,14 @@ class Templates:
             labels = np.arange(24) % 2
             np.savez(path, images=np.where(labels[:, None, None] == 0, 40, 200).astype(np.uint8) + blobs(24, 8, 1) // 8,
                      labels=labels)
+        elif name == "kspace.npz":  # k-space measurements of data.npz (one line mask per image)
+            self.get("data.npz")
+            self._cli(["measure", "--data", "data.npz", "--operator", "kspace", "--acceleration", "2",
+                       "--center-fraction", "0.25", "--out", name])
+        elif name == "kspace-run":  # k-space ambient training (ambient train on k-space measurements)
+            self.get("kspace.npz")
+            self._cli(["train", "--data", "kspace.npz", "--outdir", name, "--kimg", "0.008", "--arch", "tiny",
+                       "--batch", "8", "--delta-probability", "0.5", "--device", "cpu"])
         elif name == "cond-run":
             self.get("labelled.npz")
             argv = ["train", "--data", "labelled.npz", "--outdir", name, "--kimg", "0.008", *TINY_TRAIN]
