@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ambient.sampling.restore import METHODS, SOLVERS, RestoreConfig
+from ambient.sampling.restore import GAUSSIAN_METHODS, METHODS, SOLVERS, RestoreConfig
 
 _D = RestoreConfig()
 
@@ -80,7 +80,7 @@ def restore_command(model, data, out, method, steps, cg_iters, num_per_image, si
     cfg = RestoreConfig(method=method, steps=steps, cg_iters=cg_iters, num_per_image=num_per_image,
                         sigma_y=sigma_y, seed=seed, batch=batch, dps_step=dps_step, solver=solver)
     measured = is_measurements_file(data)
-    gaussian = method in ("gaussian-mean", "gaussian-sample")
+    gaussian = method in GAUSSIAN_METHODS
     if gaussian:  # the em run's lap-0 Gaussian: read before the data, so a wrong --model fails first
         from ambient.learners.gaussian_restore import check_gaussian_inputs, em_gaussian, restore_gaussian
 

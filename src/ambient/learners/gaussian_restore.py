@@ -15,7 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ambient.data.datasets import ImageDataset
@@ -24,9 +23,7 @@ from ambient.io import read_npz
 from ambient.learners.gaussian_prior import GaussianPrior, operator_posterior
 from ambient.operators.mask import MaskOperator
 from ambient.operators.measurements import Measurements
-from ambient.sampling.restore import RestoreConfig, Restored, check_shape
-
-GAUSSIAN_METHODS = ("gaussian-mean", "gaussian-sample")
+from ambient.sampling.restore import GAUSSIAN_METHODS, RestoreConfig, Restored, check_shape
 
 
 def em_gaussian(model: str | Path) -> tuple[GaussianPrior, dict]:
@@ -103,9 +100,3 @@ def restore_gaussian(prior: GaussianPrior, data: ImageDataset, cfg: RestoreConfi
     index = torch.tensor(obs, dtype=torch.int64)
     consistency = data.consistency(out, index) if isinstance(data, Measurements) and len(out) else None
     return Restored(out, index, time.perf_counter() - started, {"forward": 0, "vjp": 0}, consistency)
-
-
-def gaussian_summary(prior: GaussianPrior) -> str:
-    """One line about the prior, for the log."""
-    return (f"Gaussian prior over {'x'.join(str(v) for v in prior.shape)}, rank {prior.rank}, "
-            f"mean noise variance {float(np.mean(prior.noise.numpy())):.3g}")

@@ -40,7 +40,8 @@ from ambient.sampling.posterior import DPS, MMPS, AmbientMean, Projection
 from ambient.sampling.solvers import SOLVERS, solver_by_name
 from ambient.store.models import LoadedModel, reimport_hint
 
-METHODS = ("mmps", "dps", "project", "ambient-mean", "gaussian-mean", "gaussian-sample")
+GAUSSIAN_METHODS = ("gaussian-mean", "gaussian-sample")  # an em run's lap-0 Gaussian (learners.gaussian_restore)
+METHODS = ("mmps", "dps", "project", "ambient-mean", *GAUSSIAN_METHODS)
 # Restorations live in [-1, 1] (model units). Beyond ±FAR_ABS a restoration is implausible (an unstable posterior
 # step, e.g. MMPS with σ_y = 0 and a poorly trained prior, or through an ill-conditioned operator): counted and
 # reported; non-finite ones stop the restore.
