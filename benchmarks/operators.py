@@ -47,6 +47,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -244,7 +245,10 @@ def kspace_ambient_row(args, r: int, files, sets, ref) -> dict:
     """Train (cached) a k-space ambient prior on the training k-space, restore the test phantoms (the σ told to the
     network picked on the validation phantoms by PSNR, as TV-CS's λ), score its prior's samples."""
     out = args.out_dir / f"kspace-ambient-R{r}"
-    if not (out / "config.json").is_file():
+    if out.is_dir() and not (out / "ema.safetensors").is_file():  # interrupted: k-space training does not resume
+        log(f"{out}: an unfinished k-space ambient run (no ema.safetensors); training it again")
+        shutil.rmtree(out)
+    if not (out / "ema.safetensors").is_file():
         cfg = KSpaceAmbientConfig(data=str(files["train"]), outdir=str(out), corruption_probability=KSPACE_DELTA,
                                   arch=args.arch, batch=args.batch, lr=1e-3, kimg=args.kimg,
                                   ema=max(args.kimg / 16, 0.1), seed=0)

@@ -209,7 +209,8 @@ def parse_args(argv=None):
                     help="weighting of the ambient loss (ambient models only; see ambient.objectives.losses); "
                          "tilted, ambient train's default (tables before 2026-12-04 were measured with edm)")
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="train and score only these model keys (e.g. ambient-p0.8-d0.1 clean-p0)")
+                    help="train and score only these model keys (e.g. ambient-p0.8-d0.1-tilted clean-p0); the "
+                         "docs keep this mode's earlier rows of the other models, dated")
     ap.add_argument("--max-size", type=int, default=None,
                     help="train on the first N training images only (the same N for every model)")
     ap.add_argument("--seed", type=int, default=0)
@@ -264,7 +265,7 @@ def publish(args, rows: list, samples: dict, argv, started: float, complete: boo
             "delta": args.delta, "probs": args.probs, "naive_probs": args.naive_probs,
             "num_samples": args.num_samples, "num_ref": args.num_ref, "complete": complete,
             "ablation_samples": args.ablation_samples, "seed": args.seed, "threshold": THRESHOLD,
-            "strict_threshold": STRICT_THRESHOLD,
+            "strict_threshold": STRICT_THRESHOLD, "keep_others": bool(args.methods),
             "wall_s": time.perf_counter() - started, "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

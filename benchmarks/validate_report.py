@@ -43,14 +43,17 @@ def _minutes(seconds: float | None) -> str:
     return "—" if not seconds else f"{seconds / 60:.1f}"
 
 
-def _table(rows: list[dict], sampler: bool) -> list[str]:
+def _table(rows: list[dict], sampler: bool, dated: bool = False) -> list[str]:
+    """Markdown rows; ``dated`` adds the columns a section mixing runs needs (loss weighting, date measured)."""
     head = "| method | p | δ |" + (" masks | steps |" if sampler else "") + \
+        (" weighting | measured |" if dated else "") + \
         " FID ↓ | KID ×10³ ↓ | SWD ×10² ↓ | memorised > 0.95 | memorised > 0.99 | kimg | train min | sample min |"
     out = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         kid = f"{1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f}"
         out.append(f"| {r['method']} | {r['p']:g} | {r['delta']:g} |"
                    + (f" {r['num_masks']} | {r['steps']} |" if sampler else "")
+                   + (f" {r.get('loss_weighting') or '—'} | {r.get('measured') or '—'} |" if dated else "")
                    + f" {r['fid']:.1f} | {kid} | {100 * r['swd']:.2f} | {r['memorized_share']:.3f} |"
                    f" {_fmt(r.get('memorized_share_strict'), '.3f')} |"
                    f" {_fmt(r['kimg'], 'g')} | {_minutes(r['train_s'])} | {_minutes(r['sample_s'])} |")
@@ -73,6 +76,7 @@ def results_section(rows: list[dict], meta: dict) -> str:
     main = sorted((r for r in rows if r["table"] in ("reference", "main")),
                   key=lambda r: (order.get(r["method"], 4), r["method"], r["p"]))
     ablation = [r for r in rows if r["table"] == "ablation"]
+    dated = len({r.get("measured") for r in rows if r["table"] != "reference"}) > 1
     m = meta
     start, end = markers(m["mode"])
     lines = [
@@ -98,15 +102,20 @@ def results_section(rows: list[dict], meta: dict) -> str:
         "look 'memorised' by this criterion.", "",
         f"`train min` / `sample min`: wall time as measured with {m['torch_threads']} torch threads "
         "(other jobs on the machine at the same time slow these down).", "",
-        *_table(main, sampler=False), "",
+        *(["Rows of models not rerun by this invocation (`--methods`) are kept from the earlier run of this "
+           "configuration, with the date they were measured (`measured`) and the ambient loss weighting they "
+           "were trained with (`weighting`); every row is scored against the same reference images."]
+          + [""] if dated else []),
+        *_table(main, sampler=False, dated=dated), "",
     ]
     if ablation:
         lines += [f"Sampler ablation (ambient, p = 0.8; {m['ablation_samples']} samples per setting, so FID is "
                   "not comparable with the main table; compare rows with each other):", "",
-                  *_table(ablation, sampler=True), ""]
+                  *_table(ablation, sampler=True, dated=dated), ""]
     lines += [f"Figure: `docs/{figure_name(m['mode'])}` (rows: clean data; per p: the corrupted training images "
               "exactly as the models saw them (hidden pixels = 0, grey), naive samples, ambient samples; "
-              "last row: samples of the clean-trained model; seeds 0..11).", "", end]
+              "last row: samples of the clean-trained model; seeds 0..11"
+              + ("; only models sampled by this invocation have a row" if dated else "") + ").", "", end]
     return "\n".join(lines)
 
 
@@ -117,6 +126,25 @@ def merge_rows(old: list[dict], new: list[dict], mode: str) -> list[dict]:
     """results.json after a run of ``mode``: its measured rows replace that mode's, other rows are kept."""
     kept = [r for r in old if not (r.get("mode") == mode and r.get("table") in MEASURED_TABLES)]
     return kept + new
+
+
+def row_key(r: dict) -> tuple:
+    return (r.get("table"), r.get("method"), r.get("p"), r.get("delta"), r.get("num_masks"), r.get("steps"))
+
+
+def kept_rows(old: list[dict], new: list[dict], mode: str, old_date: str | None) -> list[dict]:
+    """Rows of ``mode``'s earlier run (main and ablation tables) that ``new`` does not measure again, each
+    labelled with the date it was measured (``old_date``, that section's date, where the row has none)."""
+    done = {row_key(r) for r in new}
+    return [{**r, "measured": r.get("measured") or old_date} for r in old
+            if r.get("mode") == mode and r.get("table") in ("main", "ablation") and row_key(r) not in done]
+
+
+def section_date(text: str, mode: str) -> str | None:
+    """The date (YYYY-MM-DD) in the Command line of ``mode``'s section of results.md, None if there is none."""
+    start, end = markers(mode)
+    found = re.search(re.escape(start) + r".*?Command: `[^`]*` \((\d{4}-\d{2}-\d{2})", text, re.S)
+    return found.group(1) if found and end in text[found.end():] else None
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -134,17 +162,23 @@ def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
     """Update docs/results.json (rows of every mode run so far) and this mode's section of results.md.
 
     Both files are written atomically. A section is replaced in place; a mode run for the first time
-    gets its section appended at the end."""
+    gets its section appended at the end. With ``meta["keep_others"]`` (validate.py --methods), the
+    earlier rows of models this run does not measure stay, dated."""
     docs.mkdir(parents=True, exist_ok=True)
     keys = ("method", "p", "delta", "fid", "kid", "kid_std", "swd", "memorized_share", "memorized_share_strict",
-            "max_similarity_mean", "loss_normalize",
+            "max_similarity_mean", "loss_normalize", "loss_weighting", "measured",
             "kimg", "table", "num_masks", "steps", "num_samples", "num_ref", "train_s", "sample_s", "arch", "mode")
-    new = [{k: r.get(k) for k in keys} for r in rows]
     path_json = docs / "results.json"
-    atomic_write_text(path_json, json.dumps(merge_rows(read_rows(path_json), new, meta["mode"]), indent=1) + "\n")
     path = docs / "results.md"
+    old = read_rows(path_json)
     text = path.read_text(encoding="utf-8") if path.is_file() else HEADER
-    body = results_section(rows, meta)
+    today = meta["date"][:10]
+    new = [{k: r.get(k) for k in keys} | {"measured": r.get("measured") or today} for r in rows]
+    if meta.get("keep_others"):
+        earlier = kept_rows(old, new, meta["mode"], section_date(text, meta["mode"]))
+        new += [{k: r.get(k) for k in keys} for r in earlier]
+    atomic_write_text(path_json, json.dumps(merge_rows(old, new, meta["mode"]), indent=1) + "\n")
+    body = results_section(new, meta)
     start, end = markers(meta["mode"])
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"

@@ -337,6 +337,9 @@ def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_pa
     assert code == 0 and json.loads((pixel / "config.json").read_text())["train"]["loss_weighting"] == "pixel"
     code, stdout, _ = run([*base, "--no-mask-aware", "--outdir", str(tmp_path / "d"), "--dry-run"], capsys)
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "edm"
+    naive = ["train", "--data", str(root), "--outdir", str(tmp_path / "n"), "--objective", "naive", *TINY]
+    code, stdout, _ = run([*naive, "--dry-run"], capsys)  # nothing hidden: EDM's weighting, recorded as such
+    assert code == 0 and json.loads(stdout)["loss_weighting"] == "edm"
     for cfg_path in [out / "config.json", *out.glob("snapshot-*/config.json")]:  # as an older version wrote it
         saved = json.loads(cfg_path.read_text())
         del saved["train"]["loss_weighting"]

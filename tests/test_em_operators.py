@@ -181,3 +181,20 @@ def test_gaussian_mean_is_the_closed_form_posterior_mean():
         k = a @ cov @ a.T + 0.05**2 * torch.eye(a.shape[0], dtype=torch.float64)
         want = prior.mean + cov @ a.T @ torch.linalg.lstsq(k, y[i].flatten() - a @ prior.mean).solution
         torch.testing.assert_close(got[i].flatten(), want, atol=2e-4, rtol=0)
+
+
+def test_mstep_range_notice_is_said_once_per_run():
+    """The pool's reader notes completions beyond value_range every lap; EM passes it on once."""
+    from ambient.learners.em import EMRun
+
+    said = []
+    run = EMRun.__new__(EMRun)  # only its log plumbing is exercised
+    run.log = said.append
+    lap = ("notice: --data pool.npz: 12 value(s) of 'images' (0.40%) lie outside value_range [0, 1] (min -0.1, max 1.2)"
+           "; kept as they are\nnotice: --data pool.npz: other")
+    run.mstep_log(lap)
+    run.mstep_log(lap)
+    run.mstep_log("snapshot at 1 kimg")
+    assert len(said) == 3
+    assert "lie outside value_range" in said[0] and "said once" in said[0] and said[0].endswith("other")
+    assert said[1] == "notice: --data pool.npz: other" and said[2] == "snapshot at 1 kimg"

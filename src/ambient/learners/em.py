@@ -497,10 +497,24 @@ class EMRun:
                            grid_samples=cfg.grid_samples, seed=mix_seed(EM_MSTEP_STREAM, cfg.seed, lap) % 2**31,
                            device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)
 
+    def mstep_log(self, text: str) -> None:
+        """The M-step's lines, less repeats: the completions of operator data may lie beyond the measurements'
+        value_range, and the pool's reader says so every lap; that notice is passed on once per process."""
+        lines = []
+        for line in str(text).split("\n"):
+            if "lie outside value_range" in line:
+                if getattr(self, "_range_noticed", False):
+                    continue
+                self._range_noticed = True
+                line += " (said once; later laps are not reported again)"
+            lines.append(line)
+        if lines:
+            self.log("\n".join(lines))
+
     def mstep(self, lap: int) -> float | None:
         from ambient.learners.train import train
 
-        train(self.train_config(lap), progress=self.progress, log=self.log)
+        train(self.train_config(lap), progress=self.progress, log=self.mstep_log)
         rows = read_jsonl(self.lap_dir(lap) / "stats.jsonl") if (self.lap_dir(lap) / "stats.jsonl").is_file() else []
         losses = [r.get("loss") for r in rows if r.get("loss") is not None]
         return float(losses[-1]) if losses else None

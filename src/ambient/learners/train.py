@@ -167,13 +167,15 @@ def noisy_images_from_measurements(cfg: TrainConfig, corruption: Corruption) -> 
 
 def _resolve_loss_weighting(cfg: TrainConfig, source: Path | None) -> TrainConfig:
     """The flag if given; else a resumed run's own weighting (runs from before the option: ``edm``);
-    else ``tilted`` with the mask-aware scalings and ``edm`` without (see :mod:`ambient.objectives.losses`)."""
+    else ``tilted`` for the ambient objective with the mask-aware scalings and ``edm`` otherwise: the naive and
+    noisy objectives hide nothing, so every weighting is EDM's there, and the run records it as such
+    (see :mod:`ambient.objectives.losses`)."""
     if cfg.loss_weighting is not None:
         return cfg
     saved = _saved_train(source)
     if saved:
         return replace(cfg, loss_weighting=saved["loss_weighting"])
-    return replace(cfg, loss_weighting="tilted" if cfg.mask_aware else "edm")
+    return replace(cfg, loss_weighting="tilted" if cfg.mask_aware and sees_masks(cfg.objective) else "edm")
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, run_config: dict, source: Path) -> None:
