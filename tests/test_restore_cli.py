@@ -176,6 +176,23 @@ def test_out_must_be_an_npz(models, tmp_path, capsys):
     assert not (tmp_path / "folder").exists()
 
 
+def test_out_never_overwrites_a_file_of_a_run_folder(models, capsys):
+    root, obs = models
+    own = root / "naive" / "law-of-this-run.npz"  # a file the run folder holds (EM runs keep pools, gaussian.npz)
+    own.write_bytes(b"the run's own bytes")
+    for argv in (restore_args(root / "naive", obs, own),
+                 ["sample", "--model", str(root / "naive"), "--num-images", "2", "--steps", "2", "--out", str(own)]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "a train run" in err and "--out" in err, err
+        assert own.read_bytes() == b"the run's own bytes"
+    fresh = root / "naive" / "restored-here.npz"  # a new file there is the user's choice, as with ambient sample
+    code, _, err = run(restore_args(root / "naive", obs, fresh, "--max-size", "1"), capsys)
+    assert code == 0 and fresh.is_file(), err
+    fresh.unlink()
+    fresh.with_name("restored-here_grid.png").unlink()
+    own.unlink()
+
+
 def test_a_vanilla_finetuned_diffusers_model_restores_on_its_own_schedule(models, tmp_path, capsys):
     from tests.test_finetune import save_npz, save_pipeline, tiny_unet
 

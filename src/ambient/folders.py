@@ -173,3 +173,17 @@ def check_readable_as(path: str | os.PathLike, kinds: tuple[str, ...], *, flag: 
     if found is not None and found not in kinds:
         raise AmbientInputError(f"{flag} {folder}: is {describe(found)} ({why}); {flag} takes {what}")
     return found
+
+
+def check_not_a_run_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, in one line, an output file that already exists inside a folder another command made and
+    records (a run, a snapshot, an import, ...): writing it would change that folder's own files (its pool,
+    its Gaussian, its samples). A new file name there is left to the user, as a file anywhere else."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kind = folder_kind(path.parent)
+    if kind in RECORDED:
+        raise AmbientInputError(f"{flag} {path}: is a file of {describe(kind)} ({path.parent}); writing it would "
+                                f"change that folder; choose another {flag}")
+

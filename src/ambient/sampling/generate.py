@@ -21,7 +21,7 @@ from ambient.data.images import (
     save_images_npz,
 )
 from ambient.errors import AmbientInputError
-from ambient.folders import describe, folder_kind
+from ambient.folders import check_not_a_run_file, describe, folder_kind
 from ambient.io import atomic_folder
 from ambient.nets.conditional import LabelledDenoiser, one_hot
 from ambient.sampling.fixed_mask import iter_sample_batches, model_sigmas
@@ -92,6 +92,7 @@ def check_sample_out(out: str | os.PathLike) -> Path:
     if out.suffix == ".npz":
         if out.is_dir():
             raise AmbientInputError(f"--out {out}: is a folder, not a .npz file")
+        check_not_a_run_file(out)
         return out
     if out.exists() and not out.is_dir():
         raise AmbientInputError(f"--out {out}: is an existing file; give a new folder (PNGs) or a .npz path")

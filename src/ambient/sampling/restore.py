@@ -30,6 +30,7 @@ from ambient.configbase import ConfigBase, is_int
 from ambient.data.datasets import ImageDataset
 from ambient.data.images import float_to_uint8, save_grid
 from ambient.errors import AmbientInputError, SamplingDiverged
+from ambient.folders import check_not_a_run_file
 from ambient.io import atomic_save_npz
 from ambient.operators.mask import MaskOperator
 from ambient.operators.measurements import Measurements
@@ -271,6 +272,7 @@ def check_restore_out(out: str | os.PathLike, data: str | os.PathLike | None = N
     if data is not None and out.exists() and Path(data).exists() and out.resolve() == Path(data).resolve():
         raise AmbientInputError(f"--out {out}: is the --data file itself; restoring would overwrite the "
                                 "observations; choose another --out")
+    check_not_a_run_file(out)
     return out
 
 
