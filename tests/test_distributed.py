@@ -260,3 +260,42 @@ def test_two_process_eval_fid_and_ref_match_one_process(eval_sets, tmp_path):
                      cwd=root, extra_env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "samples:" not in again.stderr  # no featurisation progress bar
+
+
+def _gather_with_one_failing_rank(rank: int, port: int, failing: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        env = dist_utils.DistEnv(rank=rank, world_size=2)
+
+        def work(mine):
+            if rank == failing:
+                raise AmbientInputError(f"rank {rank} cannot do {mine}")
+            return torch.tensor(mine, dtype=torch.float32)[:, None], rank
+
+        try:
+            dist_utils.shard_and_gather(5, work, env)
+            results[rank] = "returned"
+        except AmbientInputError as exc:
+            results[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_rank_that_fails_in_shard_and_gather_stops_every_rank(failing):
+    """One rank raising (e.g. SamplingDiverged in restore) must not leave the others waiting in the gather."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        ctx = mp.spawn(_gather_with_one_failing_rank, args=(_free_port(), failing, results), nprocs=2,
+                       join=False)
+        for proc in ctx.processes:
+            proc.join(timeout=120)
+        hung = [p.pid for p in ctx.processes if p.is_alive()]
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        assert not hung, "a rank is still waiting"
+        expected = f"rank {failing} cannot do {[0, 2, 4] if failing == 0 else [1, 3]}"
+        assert dict(results) == {0: expected, 1: expected}

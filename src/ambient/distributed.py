@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -128,15 +129,30 @@ def shard_and_gather(num: int, work: Callable[[list[int]], tuple[torch.Tensor, A
     Each rank calls ``work(indices)`` on its share; it returns (rows, extra) with ``rows[i]`` the result
     of item ``indices[i]`` and ``extra`` anything picklable (e.g. timings). Rank 0 gets every row in item
     order, (num, …) on the CPU in the rows' dtype, and the ranks' extras in rank order; the others get None.
+
+    If ``work`` raises on any rank, every rank raises (the others after the gather, so none waits for ever in
+    it): the rank that failed its own exception, the others the first failing rank's (or a RuntimeError
+    naming it where that exception cannot be pickled).
     """
     mine = shard(list(range(num)), env)
-    rows, extra = work(mine)
-    part = (mine, rows.cpu(), extra)
-    gathered = [None] * env.world_size if env.rank == 0 else None
-    if env.world_size > 1:
-        dist.gather_object(part, gathered, dst=0)
+    if env.world_size == 1:
+        rows, extra = work(mine)
+        gathered = [(mine, rows.cpu(), extra)]
     else:
-        gathered = [part]
+        own = None
+        try:
+            rows, extra = work(mine)
+            part = (mine, rows.cpu(), extra)
+        except Exception as exc:  # the other ranks are (or will be) in the gather: reach it, then raise
+            own, part = exc, ("failed", env.rank, _picklable(exc))
+        gathered = [None] * env.world_size if env.rank == 0 else None
+        dist.gather_object(part, gathered, dst=0)
+        failure = [next((g for g in gathered if g[0] == "failed"), None) if env.rank == 0 else None]
+        dist.broadcast_object_list(failure, src=0)
+        if own is not None:
+            raise own
+        if failure[0] is not None:
+            raise failure[0][2]
     if env.rank != 0:
         return None
     first = gathered[0][1]
@@ -144,6 +160,15 @@ def shard_and_gather(num: int, work: Callable[[list[int]], tuple[torch.Tensor, A
     for idx, r, _ in gathered:
         out[idx] = r
     return out, [e for _, _, e in gathered]
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (to cross ranks), else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def compile_regions(module: torch.nn.Module) -> torch.nn.Module:
