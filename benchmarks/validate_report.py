@@ -136,8 +136,20 @@ def kept_rows(old: list[dict], new: list[dict], mode: str, old_date: str | None)
     """Rows of ``mode``'s earlier run (main and ablation tables) that ``new`` does not measure again, each
     labelled with the date it was measured (``old_date``, that section's date, where the row has none)."""
     done = {row_key(r) for r in new}
-    return [{**r, "measured": r.get("measured") or old_date} for r in old
-            if r.get("mode") == mode and r.get("table") in ("main", "ablation") and row_key(r) not in done]
+    out = []
+    for r in old:
+        if r.get("mode") == mode and r.get("table") in ("main", "ablation") and row_key(r) not in done:
+            r = {**r, "measured": r.get("measured") or old_date}
+            if r.get("method") == "ambient" and not r.get("loss_weighting"):
+                r["loss_weighting"] = weighting_before(r["measured"])
+            out.append(r)
+    return out
+
+
+def weighting_before(measured: str | None) -> str:
+    """The loss weighting of an ambient row that did not record one: validate.py trained with the paper's
+    ``edm`` until --loss-weighting came (2026-12-01); rows from then until rows recorded it say so."""
+    return "edm" if measured and measured < "2026-12-01" else "not recorded"
 
 
 def section_date(text: str, mode: str) -> str | None:

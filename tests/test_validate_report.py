@@ -52,7 +52,8 @@ def test_modes_keep_their_own_sections_and_rows(tmp_path):
 
 def test_rerun_of_some_models_keeps_the_others_dated(tmp_path):
     docs = tmp_path / "docs"
-    first = _rows("full", 150.0) + [{**_rows("full", 80.0)[1], "method": "clean", "p": 0.0, "delta": 0.0}]
+    first = _rows("full", 150.0) + [{**_rows("full", 80.0)[1], "method": "clean", "p": 0.0, "delta": 0.0},
+                                    {**_rows("full", 90.0)[1], "p": 0.9}]
     validate_report.write_docs(docs, first, _meta("full"))
     again = [{**r, "loss_weighting": "tilted"} for r in _rows("full", 120.0)]
     meta = {**_meta("full"), "date": "2026-12-04 19:00 UTC", "keep_others": True}
@@ -61,9 +62,10 @@ def test_rerun_of_some_models_keeps_the_others_dated(tmp_path):
     assert "| 150.0 |" not in text, "the rerun model's old row is replaced"
     assert "| ambient | 0.8 | 0.1 | tilted | 2026-12-04 | 120.0 |" in text
     assert "| clean | 0 | 0 | — | 2026-11-29 | 80.0 |" in text, "the model not rerun stays, with its date"
+    assert "| ambient | 0.9 | 0.1 | edm | 2026-11-29 | 90.0 |" in text, "before --loss-weighting: edm"
     rows = json.loads((docs / "results.json").read_text())
     assert sorted((r["method"], r["measured"]) for r in rows if r["table"] == "main") == [
-        ("ambient", "2026-12-04"), ("clean", "2026-11-29")]
+        ("ambient", "2026-11-29"), ("ambient", "2026-12-04"), ("clean", "2026-11-29")]
     # without --methods a run replaces the whole section, as before (no dated columns)
     validate_report.write_docs(docs, _rows("full", 110.0), {**_meta("full"), "date": "2026-12-05 10:00 UTC"})
     text = (docs / "results.md").read_text()
