@@ -237,6 +237,7 @@ def sampler_ablation(m: Method, args, root: Path, scorer: Scorer, main_row: dict
         else:
             u8, sec = sample_stage(m, root, args.kimg, n, k, s)
         out.append({**base, "table": "ablation", "method": m.name, "p": m.p, "delta": m.delta, "num_masks": k,
+                    "loss_weighting": m.weighting,
                     "steps": s, "train_s": main_row["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"ablation masks {k} steps {s}: FID {out[-1]['fid']:.1f}  KID {out[-1]['kid']:.4f}  "
             f"SWD {out[-1]['swd']:.4f}")
