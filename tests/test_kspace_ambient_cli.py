@@ -141,3 +141,19 @@ def test_folders_of_other_kinds_are_refused(setup, tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and flag in lines[0] and words in lines[0], (argv, err)
     assert {name: files_under(root / name) for name in ("run", "train-run")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_restore_refuses_measurements_of_another_size(setup, tmp_path, capsys):
+    root = setup
+    from ambient.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["measure", "--data", str(write_npz(tmp_path / "big.npz", n=3, size=12)), *KSPACE,
+              "--out", str(tmp_path / "k12.npz")])
+    assert exc.value.code == 0
+    out = tmp_path / "r.npz"
+    code, _, err = run(["restore", "--model", str(root / "run"), "--data", str(tmp_path / "k12.npz"),
+                        "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--data" in lines[0] and "12x12" in lines[0], err
+    assert "was trained on 8x8" in lines[0] and not out.exists()

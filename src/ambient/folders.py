@@ -186,4 +186,3 @@ def check_not_a_run_file(path: str | os.PathLike, flag: str = "--out") -> None:
     if kind in RECORDED:
         raise AmbientInputError(f"{flag} {path}: is a file of {describe(kind)} ({path.parent}); writing it would "
                                 f"change that folder; choose another {flag}")
-

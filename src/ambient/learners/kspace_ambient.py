@@ -218,7 +218,6 @@ def load_kspace_ambient(path: str | Path) -> KSpaceAmbientModel:
                               tuple(meta["value_range"]))
 
 
-
 # ---------------------------------------------------------------------------------------- `ambient train` flags
 
 # ``ambient train`` flags (TrainConfig field names) that set a KSpaceAmbientConfig field: δ is --delta-probability
@@ -304,16 +303,14 @@ def restore_measurements(model: KSpaceAmbientModel, meas: Measurements, *, sigma
     (:func:`ambient.sampling.fixed_operator.kspace_ambient_restore`), as a
     :class:`ambient.sampling.restore.Restored` (one restoration per observation, model units)."""
     from ambient.sampling.fixed_operator import kspace_ambient_restore
-    from ambient.sampling.restore import Restored
+    from ambient.sampling.restore import Restored, check_shape
 
     op = meas.operator
     if not isinstance(op, KSpaceOperator) or op.coils:
         raise AmbientInputError(f"--data {data_name}: holds {meas.spec.get('kind')} measurements"
                                 f"{' with coils' if isinstance(op, KSpaceOperator) else ''}; a k-space ambient model "
                                 "restores single-coil k-space only")
-    if tuple(meas.shape) != tuple(model.image_shape):
-        raise AmbientInputError(f"--data {data_name}: images are {'x'.join(map(str, meas.shape))} (CxHxW), but "
-                                f"--model {model_name} was trained on {'x'.join(map(str, model.image_shape))}")
+    check_shape(meas, model.image_shape, data_name, f"{model_name} was trained on")
     if tuple(float(v) for v in meas.value_range) != tuple(float(v) for v in model.value_range):
         raise AmbientInputError(f"--data {data_name}: value_range {meas.value_range[0]:g}..{meas.value_range[1]:g} "
                                 f"is not the model's {model.value_range[0]:g}..{model.value_range[1]:g} (the "
