@@ -323,6 +323,24 @@ def test_pixel_loss_weighting_needs_the_mask_aware_scalings(tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "pixel"
 
 
+def test_lr_schedule_cosine_decays_to_zero_and_is_kept_on_resume(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=4)
+    out = tmp_path / "r"
+    base = ["train", "--data", str(root), "--outdir", str(out), "--corruption-probability", "0.5",
+            "--lr-warmup-kimg", "0", *TINY]
+    code, _, err = run([*base, "--kimg", "0.032", "--lr-schedule", "cosine"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["lr_schedule"] == "cosine"
+    lrs = [r["lr"] for r in map(json.loads, (out / "stats.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * 1e-3  # logged rates fall
+    code, _, err = run([*base, "--kimg", "0.048"], capsys)  # resuming with the default schedule is refused
+    assert code == 2 and "--lr-schedule is 'constant'" in err and "'cosine'" in err
+    code, _, err = run([*base, "--kimg", "0.048", "--lr-schedule", "cosine"], capsys)
+    assert code == 0, err
+    code, _, err = run([*base, "--outdir", str(tmp_path / "x"), "--lr-schedule", "step"], capsys)
+    assert code == 2 and "--lr-schedule" in err and not (tmp_path / "x").exists()
+
+
 def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n=4)
     out = tmp_path / "r"

@@ -14,6 +14,7 @@ from ambient.learners.core import (
     check_resume_compatible,
     ema_beta,
     guarded_step,
+    learning_rate,
     resume_source,
     update_ema,
 )
@@ -75,6 +76,22 @@ def test_ema_update_and_halflife():
     beta = ema_beta(0.5, 0.0, nimg=10**6, batch=50)
     assert beta ** (500 / 50) == pytest.approx(0.5)
     assert ema_beta(0.5, 0.05, nimg=2000, batch=50) == pytest.approx(0.5 ** (50 / 100))  # ramp-up: 0.05 × 2000
+
+
+def test_learning_rate_schedules():
+    total, batch = 100_000, 128
+    # warm-up: linear in the images seen after the step, the same for both schedules
+    for schedule in ("constant", "cosine"):
+        assert learning_rate(1e-3, 1.0, schedule, 0, batch, total) == pytest.approx(1e-3 * 128 / 1000, rel=1e-3)
+        assert learning_rate(1e-3, 0.0, schedule, 0, batch, total) == pytest.approx(1e-3)
+    assert [learning_rate(1e-3, 1.0, "constant", n, batch, total) for n in (1000, 50_000, total)] == [1e-3] * 3
+    cos = [learning_rate(1e-3, 0.0, "cosine", n, batch, total) for n in range(0, total + 1, 1000)]
+    assert cos[0] == pytest.approx(1e-3) and cos[50] == pytest.approx(5e-4) and cos[-1] == pytest.approx(0.0, abs=1e-12)
+    assert cos[25] == pytest.approx(1e-3 * (1 + 2**-0.5) / 2)
+    assert all(a > b for a, b in zip(cos, cos[1:]))  # strictly decreasing to 0 at the end of the run
+    assert learning_rate(1e-3, 0.0, "cosine", 2 * total, batch, total) == 0.0  # past --kimg: stays at 0
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate(1e-3, 0.0, "linear", 0, batch, total)
 
 
 def test_epoch_order_is_shared_by_both_loops():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from ambient.data.corruption import PATTERNS
-from ambient.learners.train_config import OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
+from ambient.learners.train_config import LR_SCHEDULES, OBJECTIVES, PRECISIONS, RESUME_LATEST, TrainConfig
 from ambient.nets.registry import ARCHS
 from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS
 
@@ -43,6 +43,8 @@ TRAIN_OPTIONS = [
     ("batch", int, "Global batch size."),
     ("lr", float, "Adam learning rate (after warm-up)."),
     ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
+    ("lr_schedule", click.Choice(LR_SCHEDULES), "After the warm-up: constant, or cosine decay to 0 at --kimg "
+                                                "(raising --kimg on resume stretches it; docs/fidelity.md)."),
     ("kimg", float, "Training duration in thousands of images (fractions allowed)."),
     ("ema", float, "EMA half-life in kimg."),
     ("ema_rampup", float, "EMA half-life ramp-up ratio (half-life ≤ ratio × images seen); 0 disables."),

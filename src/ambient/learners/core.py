@@ -111,6 +111,22 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
         p_ema.lerp_(p.detach(), 1.0 - beta)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(base: float, warmup_kimg: float, schedule: str, nimg: int, batch: int, total_nimg: int) -> float:
+    """The learning rate of the step taken after ``nimg`` images: a linear warm-up over ``warmup_kimg``
+    thousand images, then ``base`` (``constant``) or ``base`` × ½(1 + cos(π · nimg / total_nimg))
+    (``cosine``: SGDR's annealing without restarts, Loshchilov & Hutter 2017; it reaches 0 at the end of the
+    run, so raising ``--kimg`` on resume stretches the curve and raises the rate again)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    lr = base * min(1.0, (nimg + batch) / max(warmup_kimg * 1000, 1e-8))
+    if schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(nimg / max(total_nimg, 1), 1.0)))
+    return lr
+
+
 def ema_beta(halflife_kimg: float, rampup: float, nimg: int, batch: int) -> float:
     """EDM's EMA decay per step: half-life ``halflife_kimg`` thousand images, at most ``rampup`` × the
     images seen so far (0 disables the ramp-up)."""

@@ -33,6 +33,7 @@ from ambient.learners.core import (
     check_resume_compatible,
     ema_beta,
     guarded_step,
+    learning_rate,
     resume_source,
     skipped_snapshots_notice,
     update_ema,
@@ -341,7 +342,7 @@ def _train(cfg: TrainConfig, *, progress: bool, log, cleanup: contextlib.ExitSta
         loss = _backward(den, loss_fn, inputs[mine], opt, autocast, per_rank, device,
                          mix_seed(STEP_STREAM, cfg.seed, state.step, env.rank))
         global_loss = float(dist_utils.mean_across(loss.detach(), env))  # ranks must agree on skipping
-        lr = cfg.lr * min(1.0, (state.nimg + cfg.batch) / max(cfg.lr_warmup_kimg * 1000, 1e-8))
+        lr = learning_rate(cfg.lr, cfg.lr_warmup_kimg, cfg.lr_schedule, state.nimg, cfg.batch, total)
         guard = NonFiniteGuard(cfg.max_nonfinite, state.skipped, state.consecutive_skipped)
         try:
             stepped = guarded_step(opt, params, guard, loss=global_loss, max_grad_norm=cfg.max_grad_norm, lr=lr,

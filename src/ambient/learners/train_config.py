@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ambient.configbase import ConfigBase, flag_error
 from ambient.data.corruption import PATTERNS, Corruption
+from ambient.learners.core import LR_SCHEDULES
 from ambient.nets.ddpmpp import SONG_PRESETS
 from ambient.nets.registry import ARCHS
 from ambient.objectives.losses import NORMALIZATIONS, WEIGHTINGS, needs_noise_sigma
@@ -71,6 +72,7 @@ class TrainConfig(ConfigBase, what="training"):
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0
+    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine decay to 0 at --kimg
     kimg: float = 10.0
     ema: float = 0.5
     ema_rampup: float = 0.05
@@ -100,7 +102,7 @@ class TrainConfig(ConfigBase, what="training"):
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
                 self.fail(name, f"must be in [0, 1), got {v!r}")
         choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
-                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS}
+                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS, "lr_schedule": LR_SCHEDULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
