@@ -74,6 +74,9 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
         models += [(f"ambient-{w}", TrainConfig(data=str(paths["obs"]), outdir=out(f"ambient-{w}"), objective="ambient",
                                                 delta_probability=0.1, loss_weighting=w, **common))
                    for w in WEIGHTINGS]
+        models.append(("ambient-tilted-cosine", TrainConfig(data=str(paths["obs"]), outdir=out("ambient-tilted-cosine"),
+                                                            objective="ambient", delta_probability=0.1,
+                                                            loss_weighting="tilted", lr_schedule="cosine", **common)))
         with np.load(paths["test"]) as f:
             ref = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).contiguous()
         return models, ref
@@ -89,6 +92,10 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
                                             corruption_pattern=pattern, corruption_probability=p,
                                             delta_probability=delta, loss_weighting=w, **common))
                for w in WEIGHTINGS]
+    models.append(("ambient-tilted-cosine", TrainConfig(data=data, outdir=out("ambient-tilted-cosine"),
+                                                        objective="ambient", corruption_pattern=pattern,
+                                                        corruption_probability=p, delta_probability=delta,
+                                                        loss_weighting="tilted", lr_schedule="cosine", **common)))
     return models, load_images("builtin:fashion-mnist:test", max_size=args.num_ref)
 
 
@@ -120,7 +127,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=tuple(MODES), default="quick")
     ap.add_argument("--cases", nargs="+", choices=("dust", "rgb", "box"), default=["dust", "rgb", "box"])
-    ap.add_argument("--methods", nargs="+", default=None, help="default: clean naive ambient-<each weighting>")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: clean naive ambient-<each weighting> ambient-tilted-cosine (tilted with "
+                         "--lr-schedule cosine)")
     ap.add_argument("--num-samples", type=int)
     ap.add_argument("--num-ref", type=int)
     ap.add_argument("--num-train", type=int)
