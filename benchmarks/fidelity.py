@@ -26,6 +26,7 @@ ambient with each loss weighting (``edm``: the paper's; ``pixel``; ``tilted``), 
 
     python benchmarks/fidelity.py --mode quick --threads 1   # 8×8 case, p = 0.8: minutes
     python benchmarks/fidelity.py --mode full --threads 1    # all cases and mask laws: about an hour
+    python benchmarks/fidelity.py --mode long --threads 1    # 8×8, p = 0.8, 800 kimg per model: about an hour
 
 Resumable: runs live in ``--out-dir`` (default runs/fidelity); training resumes from its latest
 snapshot, finished scores are cached in ``scores.json`` there. Writes docs/fidelity.md (this mode's
@@ -48,6 +49,7 @@ import torch
 
 from ambient.data.corruption import Corruption, sampling_masks
 from ambient.io import atomic_save_npz, read_npz
+from ambient.learners.core import LR_SCHEDULES
 from ambient.learners.em import EMConfig, run_em
 from ambient.learners.gaussian_prior import GaussianPrior
 from ambient.learners.train import train
@@ -222,7 +224,8 @@ def train_config(case: Case, law: Law | None, method: Method, data: Path, outdir
         snapshot_kimg=args.kimg_mid, corruption_pattern="box" if box else "dust", corruption_probability=p,
         delta_probability=p if box else args.delta,
         objective="naive" if method.name in ("clean", "naive") else "ambient",
-        loss_weighting=method.weighting, grid_samples=0, seed=args.seed, lr=args.lr, ema=args.kimg / 16,
+        loss_weighting=method.weighting, grid_samples=0, seed=args.seed, lr=args.lr, lr_schedule=args.lr_schedule,
+        ema=args.kimg / 16,
         device="cpu")
 
 
@@ -332,6 +335,9 @@ MODES = {
     "full": dict(cases=["smooth8", "rgb8"], laws=["given0.6", "given0.8", "given0.9", "box0.5"],
                  kimg=100.0, kimg_mid=25.0, num_samples=2000,
                  methods=["clean", "naive", "ambient-edm", "ambient-pixel", "ambient-tilted", "em"], em_laps=2),
+    # the 8×8 case at p = 0.8 trained 8× longer (EMA half-life kimg/16 = 50 kimg): where the models go with budget
+    "long": dict(cases=["smooth8"], laws=["given0.8"], kimg=800.0, kimg_mid=200.0, num_samples=2000,
+                 methods=["clean", "ambient-edm", "ambient-pixel", "ambient-tilted", "em"], em_laps=4),
 }
 
 
@@ -361,6 +367,8 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
+                    help="the trained models' (not EM's M-steps'); ambient train's default is constant")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--floor-masks", type=int, default=500)
@@ -509,7 +517,8 @@ def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:
     section = "\n".join([
         start, f"## {args.mode} mode", "",
         f"`{command.strip()}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min on {platform.machine()} "
-        f"({args.threads} thread(s)), `{args.arch}` backbone, batch {args.batch}, δ = {args.delta:g} for given masks, "
+        f"({args.threads} thread(s)), `{args.arch}` backbone, batch {args.batch}, lr {args.lr:g} "
+        f"({args.lr_schedule}), δ = {args.delta:g} for given masks, "
         f"{args.num_samples} samples per model, {args.steps} Heun steps; {NUM_TRAIN} training images per case.", "",
         markdown_table(rows), end])
     if start in text and end in text:
