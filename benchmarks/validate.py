@@ -75,6 +75,7 @@ class Method:
     delta: float
     normalize: str = "mean"  # the ambient loss's normalisation (ambient.objectives.losses.NORMALIZATIONS)
     weighting: str = "edm"  # the ambient loss's weighting (ambient.objectives.losses.WEIGHTINGS)
+    lr_schedule: str = "constant"  # ambient models only (ambient train --lr-schedule)
 
     @property
     def objective(self) -> str:
@@ -84,7 +85,8 @@ class Method:
     def key(self) -> str:
         key = f"{self.name}-p{self.p:g}" + (f"-d{self.delta:g}" if self.objective == "ambient" else "")
         key += f"-{self.normalize}" if self.objective == "ambient" and self.normalize != "mean" else ""
-        return key + (f"-{self.weighting}" if self.objective == "ambient" and self.weighting != "edm" else "")
+        key += f"-{self.weighting}" if self.objective == "ambient" and self.weighting != "edm" else ""
+        return key + (f"-{self.lr_schedule}" if self.objective == "ambient" and self.lr_schedule != "constant" else "")
 
 
 def log(msg: str) -> None:
@@ -94,7 +96,8 @@ def log(msg: str) -> None:
 def methods_for(args) -> list[Method]:
     out = [Method("clean", 0.0, 0.0)]
     out += [Method("naive", p, 0.0) for p in args.naive_probs]
-    out += [Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting) for p in args.probs]
+    out += [Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
+            for p in args.probs]
     out.sort(key=lambda m: (m.name != "clean", m.p != 0.8))  # the central comparison (p = 0.8) first
     if args.with_delta0:
         out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize, args.loss_weighting))
@@ -120,7 +123,7 @@ def train_stage(m: Method, args, root: Path) -> dict:
                       delta_probability=m.delta,
                       objective=m.objective, loss_normalize=m.normalize, loss_weighting=m.weighting,
                       arch=args.arch, batch=args.batch,
-                      lr=args.lr, lr_warmup_kimg=1.0,
+                      lr=args.lr, lr_warmup_kimg=1.0, lr_schedule=m.lr_schedule,
                       kimg=args.kimg, ema=max(args.kimg / 16, 0.1), snapshot_kimg=max(args.kimg / 4, 0.5),
                       tick_kimg=max(args.kimg / 50, 0.1), grid_samples=16, seed=args.seed)
     log(f"{m.key}: training {args.kimg:g} kimg (objective {m.objective}, p={m.p:g}, δ={m.delta:g})")
@@ -208,6 +211,8 @@ def parse_args(argv=None):
     ap.add_argument("--loss-weighting", choices=("edm", "pixel", "tilted"), default="tilted",
                     help="weighting of the ambient loss (ambient models only; see ambient.objectives.losses); "
                          "tilted, ambient train's default (tables before 2026-12-04 were measured with edm)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="the ambient models' learning-rate schedule (ambient train --lr-schedule)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train and score only these model keys (e.g. ambient-p0.8-d0.1-tilted clean-p0); the "
                          "docs keep this mode's earlier rows of the other models, dated")
@@ -298,6 +303,7 @@ def main(argv=None) -> None:
         rows.append({**base, "table": "main", "method": m.name, "p": m.p, "delta": m.delta, "num_masks": 1,
                      "loss_normalize": m.normalize if m.objective == "ambient" else None,
                      "loss_weighting": m.weighting if m.objective == "ambient" else None,
+                     "lr_schedule": m.lr_schedule if m.objective == "ambient" else None,
                      "steps": 18, "train_s": timing[m.key]["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: FID {rows[-1]['fid']:.1f}  KID {rows[-1]['kid']:.4f}  SWD {rows[-1]['swd']:.4f}  "
             f"memorised {rows[-1]['memorized_share']:.3f}")
