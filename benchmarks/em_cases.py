@@ -1,17 +1,19 @@
 """EM beside clean, naive and ambient training on two harder cases than dust at p = 0.8 (issue 16).
 
 ``--case box``: Fashion-MNIST, one 14×14 box hidden per image (``--corruption-pattern box``, p = 0.5).
-Ambient is trained with the further box δ = 0.2 (smaller than A's box) and δ = 0.5 (the same size
-as A's box), each with the paper's loss weighting (``edm``) and with ``pixel``; see docs/em_cases.md
-for why δ = p is the one the method's theory asks for and why the weighting matters.
+Ambient is trained with today's default weighting (``tilted``) and the further box δ = 0.5 (the same size as
+A's box); ``--weightings edm pixel tilted`` adds the paper's weighting (``edm``) and ``pixel``, each at
+δ = 0.2 (smaller than A's box) and δ = 0.5; see docs/em_cases.md for why δ = p is the one the method's
+theory asks for and why the weighting matters.
 
 ``--case rgb``: the colour Fashion-MNIST of benchmarks/mask_law_rgb.py (32×32 RGB, 20 % of the pixels
-observed, one mask per pixel given with the data, garbage in the hidden pixels). Its clean, naive and
-ambient (per-pixel law, ``edm`` weighting) models are reused from that benchmark's run folder when present;
-``ambient-pixel`` is trained here with the ``pixel`` weighting.
+observed, one mask per pixel given with the data, garbage in the hidden pixels). Its clean and naive models
+(and with ``--weightings edm`` the per-pixel ``edm`` ambient model) are reused from that benchmark's run folder
+when present; the ``tilted`` (default) and ``pixel`` ambient models are trained here.
 
-Every model: the ``small`` backbone, batch 32, lr 0.002, seed 0, the same images seen. EM: a Gaussian lap 0,
-then MMPS E-steps; ``em-init`` starts lap 0 from the ambient model's posterior mean plus the Gaussian's
+Every model: the ``small`` backbone, batch 32, lr 0.002, seed 0, the same images seen. EM: today's defaults
+(lap 0 a Gaussian fitted by SQUAREM to ``--gaussian-tol``, completed with its posterior draws; the rotating
+redraw), then MMPS E-steps; ``em-init`` starts lap 0 from the ambient model's posterior mean plus the Gaussian's
 residual. Scores: N samples (Heun, 18 steps) against held-out clean test images (KID, FID; SWD); per EM lap
 also the completions' KID and their PSNR on hidden pixels.
 
@@ -60,11 +62,11 @@ CASES = {
     "box": {"quick": dict(kimg=1.0, num_samples=64, num_ref=128, laps=2, estep_size=64, rank=16, gaussian_iters=10,
                           gaussian_size=1000, steps=10),
             "full": dict(kimg=10.0, num_samples=500, num_ref=1000, laps=2, estep_size=500, rank=64,
-                         gaussian_iters=30, gaussian_size=3000, steps=14)},
+                         gaussian_iters=None, gaussian_size=3000, steps=14)},
     "rgb": {"quick": dict(kimg=1.0, num_samples=64, num_ref=128, laps=2, estep_size=64, rank=8, gaussian_iters=5,
                           gaussian_size=None, steps=10, num_train=400),
             "full": dict(kimg=20.0, num_samples=400, num_ref=800, laps=2, estep_size=400, rank=32,
-                         gaussian_iters=20, gaussian_size=None, steps=14, num_train=1200)},
+                         gaussian_iters=None, gaussian_size=None, steps=14, num_train=1200)},
 }
 BOX_P = 0.5
 BOX_DELTAS = (0.2, 0.5)
@@ -130,17 +132,21 @@ def box_setup(args, root: Path):
                                     **common)),
               ("naive", TrainConfig(outdir=str(root / "naive"), objective="naive", corruption_probability=BOX_P,
                                     **common))]
-    models += [(f"ambient-d{d:g}{'-pixel' if w == 'pixel' else ''}",
-                TrainConfig(outdir=str(root / f"ambient-d{d:g}{'-pixel' if w == 'pixel' else ''}"),
-                            objective="ambient", corruption_probability=BOX_P, delta_probability=d,
-                            loss_weighting=w, **common))
-               for w in ("edm", "pixel") for d in BOX_DELTAS]
+    models += [(box_key(d, w), TrainConfig(outdir=str(root / box_key(d, w)), objective="ambient",
+                                           corruption_probability=BOX_P, delta_probability=d, loss_weighting=w,
+                                           **common))
+               for w in args.weightings for d in (BOX_DELTAS if w != "tilted" or args.deltas_all else BOX_DELTAS[-1:])]
     em_kwargs = dict(data=validate.DATA, corruption_pattern="box", corruption_probability=BOX_P)
     ref = load_images(validate.TEST, max_size=args.num_ref)
     examples = [("clean data", load_images(validate.DATA, max_size=12)),
                 (f"observed (box p={BOX_P:g})", float_to_uint8(load_dataset(
                     validate.DATA, max_size=12, corruption=box_corruption(), seed=0).batch(list(range(12)))[0]))]
-    return models, em_kwargs, load_images(validate.DATA), ref, examples, f"ambient-d{BOX_DELTAS[-1]:g}"
+    return models, em_kwargs, load_images(validate.DATA), ref, examples, box_key(BOX_DELTAS[-1], args.weightings[-1])
+
+
+def box_key(delta: float, weighting: str) -> str:
+    """Run name of a box ambient model: the paper's weighting unmarked (as in the 2026-12-01 runs)."""
+    return f"ambient-d{delta:g}" + ("" if weighting == "edm" else f"-{weighting}")
 
 
 def box_hole_errors(model_dir: str, clean_dir: str, delta: float, n: int, seed: int = 7) -> dict:
@@ -198,7 +204,11 @@ def rgb_setup(args, root: Path):
               ("ambient", TrainConfig(data=str(paths["obs"]), outdir=str(data_root / "ambient-per-pixel"),
                                       objective="ambient", loss_weighting="edm", **common)),
               ("ambient-pixel", TrainConfig(data=str(paths["obs"]), outdir=str(root / "ambient-pixel"),
-                                            objective="ambient", loss_weighting="pixel", **common))]
+                                            objective="ambient", loss_weighting="pixel", **common)),
+              ("ambient-tilted", TrainConfig(data=str(paths["obs"]), outdir=str(root / "ambient-tilted"),
+                                             objective="ambient", loss_weighting="tilted", **common))]
+    keep = {"edm": "ambient", "pixel": "ambient-pixel", "tilted": "ambient-tilted"}
+    models = models[:2] + [m for m in models[2:] if m[0] in {keep[w] for w in args.weightings}]
     with np.load(paths["test"]) as f:
         ref = torch.from_numpy(f["images"][:args.num_ref]).permute(0, 3, 1, 2).contiguous()
     with np.load(paths["clean"]) as f:
@@ -206,14 +216,16 @@ def rgb_setup(args, root: Path):
     with np.load(paths["obs"]) as f:
         stored = torch.from_numpy(f["images"][:12]).permute(0, 3, 1, 2)
     examples = [("clean data", clean[:12]), ("observations", stored)]
-    return models, dict(data=str(paths["obs"]), corruption_probability=0.0), clean, ref, examples, "ambient"
+    init_key = {"edm": "ambient", "pixel": "ambient-pixel", "tilted": "ambient-tilted"}[args.weightings[-1]]
+    return models, dict(data=str(paths["obs"]), corruption_probability=0.0), clean, ref, examples, init_key
 
 
 # ---------------------------------------------------------------------------------------------- EM
 def em_config(args, root: Path, em_kwargs: dict, init: str | None) -> EMConfig:
     lap_kimg = args.kimg / args.laps
     return EMConfig(outdir=str(root / ("em-init" if init else "em")), init=init, laps=args.laps, lap_kimg=lap_kimg,
-                    estep_size=args.estep_size, rank=args.rank, gaussian_iters=args.gaussian_iters,
+                    estep_size=args.estep_size, rank=args.rank,
+                    **({} if args.gaussian_iters is None else {"gaussian_iters": args.gaussian_iters}),
                     gaussian_size=args.gaussian_size, steps=args.steps, cg_iters=1, sigma_y=1e-3, estep_batch=64,
                     arch="small", batch=32, lr=2e-3, ema=max(lap_kimg / 8, 0.1),
                     snapshot_kimg=max(lap_kimg / 2, 0.5), seed=0, **em_kwargs)
@@ -306,6 +318,11 @@ def main(argv=None) -> None:
     for key in ("kimg", "num_samples", "num_ref", "laps", "estep_size", "rank", "gaussian_iters", "steps"):
         ap.add_argument(f"--{key.replace('_', '-')}", type=float if key == "kimg" else int, default=None)
     ap.add_argument("--no-init", action="store_true", help="skip EM started from the ambient model")
+    ap.add_argument("--weightings", nargs="+", choices=("edm", "pixel", "tilted"), default=["tilted"],
+                    help="ambient models' loss weightings (default: today's default, tilted; the last one is the "
+                         "ambient model em-init starts from)")
+    ap.add_argument("--deltas-all", action="store_true",
+                    help=f"box: train tilted at every δ in {BOX_DELTAS} (edm and pixel always are)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
     args = ap.parse_args(argv)
