@@ -53,7 +53,7 @@ def _table(rows: list[dict], sampler: bool, dated: bool = False) -> list[str]:
         kid = f"{1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f}"
         out.append(f"| {r['method']} | {r['p']:g} | {r['delta']:g} |"
                    + (f" {r['num_masks']} | {r['steps']} |" if sampler else "")
-                   + (f" {r.get('loss_weighting') or '—'} | {r.get('measured') or '—'} |" if dated else "")
+                   + (f" {_weighting_cell(r)} | {r.get('measured') or '—'} |" if dated else "")
                    + f" {r['fid']:.1f} | {kid} | {100 * r['swd']:.2f} | {r['memorized_share']:.3f} |"
                    f" {_fmt(r.get('memorized_share_strict'), '.3f')} |"
                    f" {_fmt(r['kimg'], 'g')} | {_minutes(r['train_s'])} | {_minutes(r['sample_s'])} |")
@@ -129,7 +129,15 @@ def merge_rows(old: list[dict], new: list[dict], mode: str) -> list[dict]:
 
 
 def row_key(r: dict) -> tuple:
-    return (r.get("table"), r.get("method"), r.get("p"), r.get("delta"), r.get("num_masks"), r.get("steps"))
+    """One model's row: a model trained with another learning-rate schedule is another model."""
+    return (r.get("table"), r.get("method"), r.get("p"), r.get("delta"), r.get("num_masks"), r.get("steps"),
+            r.get("lr_schedule") or "constant")
+
+
+def _weighting_cell(r: dict) -> str:
+    cell = r.get("loss_weighting") or "—"
+    schedule = r.get("lr_schedule")
+    return cell + (f", {schedule} lr" if schedule and schedule != "constant" else "")
 
 
 def kept_rows(old: list[dict], new: list[dict], mode: str, old_date: str | None) -> list[dict]:
@@ -178,7 +186,7 @@ def write_docs(docs: Path, rows: list[dict], meta: dict) -> None:
     earlier rows of models this run does not measure stay, dated."""
     docs.mkdir(parents=True, exist_ok=True)
     keys = ("method", "p", "delta", "fid", "kid", "kid_std", "swd", "memorized_share", "memorized_share_strict",
-            "max_similarity_mean", "loss_normalize", "loss_weighting", "measured",
+            "max_similarity_mean", "loss_normalize", "loss_weighting", "lr_schedule", "measured",
             "kimg", "table", "num_masks", "steps", "num_samples", "num_ref", "train_s", "sample_s", "arch", "mode")
     path_json = docs / "results.json"
     path = docs / "results.md"

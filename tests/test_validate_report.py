@@ -72,6 +72,19 @@ def test_rerun_of_some_models_keeps_the_others_dated(tmp_path):
     assert "| clean |" not in text and "measured |" not in text and "| 110.0 |" in text
 
 
+def test_a_cosine_schedule_row_is_another_model(tmp_path):
+    docs = tmp_path / "docs"
+    validate_report.write_docs(docs, [{**r, "loss_weighting": "tilted"} for r in _rows("full", 150.0)], _meta("full"))
+    cosine = [{**r, "loss_weighting": "tilted", "lr_schedule": "cosine"} for r in _rows("full", 120.0)]
+    validate_report.write_docs(docs, cosine, {**_meta("full"), "date": "2026-12-04 23:00 UTC", "keep_others": True})
+    text = (docs / "results.md").read_text()
+    assert "| ambient | 0.8 | 0.1 | tilted, cosine lr | 2026-12-04 | 120.0 |" in text
+    assert "| ambient | 0.8 | 0.1 | tilted | 2026-11-29 | 150.0 |" in text, "the constant-rate model's row stays"
+    rows = json.loads((docs / "results.json").read_text())
+    assert sorted((r["fid"], r.get("lr_schedule")) for r in rows if r["table"] == "main") == [
+        (120.0, "cosine"), (150.0, None)]
+
+
 def test_bad_results_json_names_the_file(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(SystemExit, match="results.json: not valid JSON"):
