@@ -70,6 +70,7 @@ CASES = {
 }
 BOX_P = 0.5
 BOX_DELTAS = (0.2, 0.5)
+RGB_AMBIENT = {"edm": "ambient", "pixel": "ambient-pixel", "tilted": "ambient-tilted"}  # weighting -> method name
 log = validate.log
 
 
@@ -207,8 +208,7 @@ def rgb_setup(args, root: Path):
                                             objective="ambient", loss_weighting="pixel", **common)),
               ("ambient-tilted", TrainConfig(data=str(paths["obs"]), outdir=str(root / "ambient-tilted"),
                                              objective="ambient", loss_weighting="tilted", **common))]
-    keep = {"edm": "ambient", "pixel": "ambient-pixel", "tilted": "ambient-tilted"}
-    models = models[:2] + [m for m in models[2:] if m[0] in {keep[w] for w in args.weightings}]
+    models = models[:2] + [m for m in models[2:] if m[0] in {RGB_AMBIENT[w] for w in args.weightings}]
     with np.load(paths["test"]) as f:
         ref = torch.from_numpy(f["images"][:args.num_ref]).permute(0, 3, 1, 2).contiguous()
     with np.load(paths["clean"]) as f:
@@ -216,8 +216,8 @@ def rgb_setup(args, root: Path):
     with np.load(paths["obs"]) as f:
         stored = torch.from_numpy(f["images"][:12]).permute(0, 3, 1, 2)
     examples = [("clean data", clean[:12]), ("observations", stored)]
-    init_key = {"edm": "ambient", "pixel": "ambient-pixel", "tilted": "ambient-tilted"}[args.weightings[-1]]
-    return models, dict(data=str(paths["obs"]), corruption_probability=0.0), clean, ref, examples, init_key
+    return (models, dict(data=str(paths["obs"]), corruption_probability=0.0), clean, ref, examples,
+            RGB_AMBIENT[args.weightings[-1]])
 
 
 # ---------------------------------------------------------------------------------------------- EM

@@ -100,7 +100,7 @@ def methods_for(args) -> list[Method]:
             for p in args.probs]
     out.sort(key=lambda m: (m.name != "clean", m.p != 0.8))  # the central comparison (p = 0.8) first
     if args.with_delta0:
-        out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize, args.loss_weighting))
+        out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize, args.loss_weighting, args.lr_schedule))
     if args.methods:
         unknown = set(args.methods) - {m.key for m in out}
         if unknown:

@@ -49,6 +49,10 @@ from mask_law_rgb import build_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTINGS = ("edm", "pixel", "tilted")
+# (method, loss weighting, learning-rate schedule) of the ambient models: each weighting at the constant rate, and
+# today's default with the cosine decay
+AMBIENT_VARIANTS = [*((f"ambient-{w}", w, "constant") for w in WEIGHTINGS),
+                    ("ambient-tilted-cosine", "tilted", "cosine")]
 MODES = {
     "quick": dict(kimg={"dust": 1.0, "rgb": 1.0, "box": 1.0}, num_samples=64, num_ref=128, num_train=2000),
     "full": dict(kimg={"dust": 10.0, "rgb": 10.0, "box": 6.0}, num_samples=300, num_ref=1000, num_train=None),
@@ -71,12 +75,9 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
         common.pop("max_size")
         models = [("clean", TrainConfig(data=str(paths["clean"]), outdir=out("clean"), objective="naive", **common)),
                   ("naive", TrainConfig(data=str(paths["obs"]), outdir=out("naive"), objective="naive", **common))]
-        models += [(f"ambient-{w}", TrainConfig(data=str(paths["obs"]), outdir=out(f"ambient-{w}"), objective="ambient",
-                                                delta_probability=0.1, loss_weighting=w, **common))
-                   for w in WEIGHTINGS]
-        models.append(("ambient-tilted-cosine", TrainConfig(data=str(paths["obs"]), outdir=out("ambient-tilted-cosine"),
-                                                            objective="ambient", delta_probability=0.1,
-                                                            loss_weighting="tilted", lr_schedule="cosine", **common)))
+        models += [(name, TrainConfig(data=str(paths["obs"]), outdir=out(name), objective="ambient",
+                                      delta_probability=0.1, loss_weighting=w, lr_schedule=schedule, **common))
+                   for name, w, schedule in AMBIENT_VARIANTS]
         with np.load(paths["test"]) as f:
             ref = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).contiguous()
         return models, ref
@@ -88,14 +89,10 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
     models = [("clean", TrainConfig(data=data, outdir=str(root / "dust-clean"), objective="naive", **clean_common)),
               ("naive", TrainConfig(data=data, outdir=out("naive"), objective="naive", corruption_pattern=pattern,
                                     corruption_probability=p, **common))]
-    models += [(f"ambient-{w}", TrainConfig(data=data, outdir=out(f"ambient-{w}"), objective="ambient",
-                                            corruption_pattern=pattern, corruption_probability=p,
-                                            delta_probability=delta, loss_weighting=w, **common))
-               for w in WEIGHTINGS]
-    models.append(("ambient-tilted-cosine", TrainConfig(data=data, outdir=out("ambient-tilted-cosine"),
-                                                        objective="ambient", corruption_pattern=pattern,
-                                                        corruption_probability=p, delta_probability=delta,
-                                                        loss_weighting="tilted", lr_schedule="cosine", **common)))
+    models += [(name, TrainConfig(data=data, outdir=out(name), objective="ambient", corruption_pattern=pattern,
+                                  corruption_probability=p, delta_probability=delta, loss_weighting=w,
+                                  lr_schedule=schedule, **common))
+               for name, w, schedule in AMBIENT_VARIANTS]
     return models, load_images("builtin:fashion-mnist:test", max_size=args.num_ref)
 
 
