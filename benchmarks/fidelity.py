@@ -30,7 +30,9 @@ ambient with each loss weighting (``edm``: the paper's; ``pixel``; ``tilted``), 
 
 Resumable: runs live in ``--out-dir`` (default runs/fidelity); training resumes from its latest
 snapshot, finished scores are cached in ``scores.json`` there. Writes docs/fidelity.md (this mode's
-section) and docs/fidelity.json (this mode's rows).
+section) and docs/fidelity.json (this mode's rows). The models train with ``--lr-schedule`` (default cosine,
+``ambient train``'s; with it, mid-run snapshots are taken before the rate has decayed, so the final budget is the
+one to compare); a schedule other than constant names its run folders and docs section ("full-cosine").
 """
 
 from __future__ import annotations
@@ -367,8 +369,10 @@ def parse_args(argv=None):
     ap.add_argument("--arch", default="tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES,
-                    help="the trained models' (not EM's M-steps'); ambient train's default is constant")
+    ap.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                    help="the trained models' (not EM's M-steps', which stay constant as in ambient em); cosine: "
+                         "ambient train's default since 2026-12-05. Runs and docs sections of another schedule "
+                         "than constant are named with it (runs/fidelity/<mode>/<model>-cosine, '<mode>-cosine')")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--floor-masks", type=int, default=500)
@@ -437,10 +441,13 @@ def main(argv=None) -> None:
                 write_data(case, data_law, data, NUM_TRAIN, seed=args.seed + 1)
             if clean and any(r["case"] == case.name and r["method"] == "clean" for r in rows):
                 continue  # one clean model per case
+            # a trained model's folder names its learning-rate schedule unless constant (the folders of before
+            # the option); EM's M-steps keep a constant rate whatever --lr-schedule says
+            suffix = "" if args.lr_schedule == "constant" or name == "em" else f"-{args.lr_schedule}"
             if clean:
-                run = root / f"{case.name}-clean"
+                run = root / f"{case.name}-clean{suffix}"
             else:
-                run = root / run_key(case, law, method)
+                run = root / (run_key(case, law, method) + suffix)
             t0 = time.perf_counter()
             if name == "em":
                 if law.pattern == "box":
@@ -456,7 +463,8 @@ def main(argv=None) -> None:
                     rows.append({"case": case.name, "law": law.key, "method": "em-gaussian", "kimg": 0.0,
                                  "cov_err": g_err, "mean_err": g_mean, "floor_sampler": 0.0, "floor_noise": 0.0,
                                  "floor_sampler_at_n": fl["sampler_at_n"], "ratio_to_floor": g_err / fl["sampler_at_n"],
-                                 "train_s_now": train_s, "mode": args.mode, "exact": True})
+                                 "train_s_now": train_s, "mode": args.mode, "lr_schedule": "constant",
+                                 "exact": True})
                     log(f"  em-gaussian      (lap 0, exact)  cov err {g_err:.3f}  mean err {g_mean:.3f}")
             else:
                 cfg = train_config(case, None if clean else law, method, data, run, args)
@@ -471,7 +479,8 @@ def main(argv=None) -> None:
                        "cov_err": sc["cov_err"], "mean_err": sc["mean_err"], "floor_sampler": fl["sampler"],
                        "floor_noise": fl["noise"], "floor_sampler_at_n": fl["sampler_at_n"],
                        "ratio_to_floor": sc["cov_err"] / fl["sampler_at_n"], "train_s_now": train_s,
-                       "mode": args.mode, **{k: v for k, v in sc.items() if k not in ("cov_err", "mean_err")}}
+                       "mode": args.mode, "lr_schedule": "constant" if name == "em" else args.lr_schedule,
+                       **{k: v for k, v in sc.items() if k not in ("cov_err", "mean_err")}}
                 rows.append(row)
                 log(f"  {name:15s} {kimg:7.1f} kimg  cov err {sc['cov_err']:.3f} "
                     f"({row['ratio_to_floor']:.2f}× the sampler floor at N)  mean err {sc['mean_err']:.3f}")
@@ -505,17 +514,25 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def section_key(args) -> str:
+    """The docs section (and docs/fidelity.json rows) of a run: its mode, and its learning-rate schedule unless
+    constant (sections from before the option were all constant)."""
+    return args.mode if args.lr_schedule == "constant" else f"{args.mode}-{args.lr_schedule}"
+
+
 def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:
     json_path = ROOT / "docs" / "fidelity.json"
     old = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": []}
-    kept = [r for r in old["rows"] if r.get("mode") != args.mode]
+    section = section_key(args)
+    kept = [r for r in old["rows"] if r.get("section", r.get("mode")) != section]
+    rows = [{**r, "section": section} for r in rows]
     json_path.write_text(json.dumps({"rows": kept + rows}, indent=1) + "\n")
     md_path = ROOT / "docs" / "fidelity.md"
     text = md_path.read_text() if md_path.is_file() else "# Fidelity: the learnt distribution against exact answers\n"
-    start, end = f"<!-- {args.mode}:start -->", f"<!-- {args.mode}:end -->"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     command = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join([
-        start, f"## {args.mode} mode", "",
+        start, f"## {args.mode} mode" + ("" if section == args.mode else f", {args.lr_schedule} learning rate"), "",
         f"`{command.strip()}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min on {platform.machine()} "
         f"({args.threads} thread(s)), `{args.arch}` backbone, batch {args.batch}, lr {args.lr:g} "
         f"({args.lr_schedule}), δ = {args.delta:g} for given masks, "

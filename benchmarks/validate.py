@@ -75,7 +75,7 @@ class Method:
     delta: float
     normalize: str = "mean"  # the ambient loss's normalisation (ambient.objectives.losses.NORMALIZATIONS)
     weighting: str = "edm"  # the ambient loss's weighting (ambient.objectives.losses.WEIGHTINGS)
-    lr_schedule: str = "constant"  # ambient models only (ambient train --lr-schedule)
+    lr_schedule: str = "constant"  # every model's (ambient train --lr-schedule)
 
     @property
     def objective(self) -> str:
@@ -86,7 +86,7 @@ class Method:
         key = f"{self.name}-p{self.p:g}" + (f"-d{self.delta:g}" if self.objective == "ambient" else "")
         key += f"-{self.normalize}" if self.objective == "ambient" and self.normalize != "mean" else ""
         key += f"-{self.weighting}" if self.objective == "ambient" and self.weighting != "edm" else ""
-        return key + (f"-{self.lr_schedule}" if self.objective == "ambient" and self.lr_schedule != "constant" else "")
+        return key + (f"-{self.lr_schedule}" if self.lr_schedule != "constant" else "")
 
 
 def log(msg: str) -> None:
@@ -94,8 +94,8 @@ def log(msg: str) -> None:
 
 
 def methods_for(args) -> list[Method]:
-    out = [Method("clean", 0.0, 0.0)]
-    out += [Method("naive", p, 0.0) for p in args.naive_probs]
+    out = [Method("clean", 0.0, 0.0, lr_schedule=args.lr_schedule)]
+    out += [Method("naive", p, 0.0, lr_schedule=args.lr_schedule) for p in args.naive_probs]
     out += [Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
             for p in args.probs]
     out.sort(key=lambda m: (m.name != "clean", m.p != 0.8))  # the central comparison (p = 0.8) first
@@ -211,8 +211,9 @@ def parse_args(argv=None):
     ap.add_argument("--loss-weighting", choices=("edm", "pixel", "tilted"), default="tilted",
                     help="weighting of the ambient loss (ambient models only; see ambient.objectives.losses); "
                          "tilted, ambient train's default (tables before 2026-12-04 were measured with edm)")
-    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                    help="the ambient models' learning-rate schedule (ambient train --lr-schedule)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                    help="every model's learning-rate schedule (ambient train --lr-schedule; cosine, its default, "
+                         "since 2026-12-05: model keys end in -cosine; tables before were measured with constant)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train and score only these model keys (e.g. ambient-p0.8-d0.1-tilted clean-p0); the "
                          "docs keep this mode's earlier rows of the other models, dated")
@@ -254,11 +255,13 @@ def figure_rows(args, samples: dict) -> list:
     out = [("clean data", corrupted_examples(0.0, 0.0, 12, args.seed))]
     for p in args.probs:
         out.append((f"corrupted p={p:g}", corrupted_examples(p, args.delta, 12, args.seed)))
-        for m in (Method("naive", p, 0.0), Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting)):
+        for m in (Method("naive", p, 0.0, lr_schedule=args.lr_schedule),
+                  Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)):
             if m.key in samples:
                 out.append((f"{m.name} p={p:g}", samples[m.key][:12]))
-    if Method("clean", 0.0, 0.0).key in samples:
-        out.append(("clean-trained", samples[Method("clean", 0.0, 0.0).key][:12]))
+    clean = Method("clean", 0.0, 0.0, lr_schedule=args.lr_schedule).key
+    if clean in samples:
+        out.append(("clean-trained", samples[clean][:12]))
     return out
 
 
@@ -295,7 +298,7 @@ def main(argv=None) -> None:
     floor = load_images(TEST, max_size=args.num_ref + args.num_samples)[args.num_ref:]
     rows.append({**base, "table": "reference", "method": "real-test", "p": 0.0, "delta": 0.0, "kimg": None,
                  "num_masks": None, "steps": None, "train_s": 0.0, "sample_s": 0.0, **scorer.score(floor)})
-    ablated = Method("ambient", 0.8, args.delta, args.loss_normalize, args.loss_weighting)
+    ablated = Method("ambient", 0.8, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
     for m in methods:  # one model at a time, docs rewritten after each, so a stopped run leaves usable docs
         timing[m.key] = train_stage(m, args, root)
         u8, sec = sample_stage(m, root, args.kimg, args.num_samples, 1, 18)
@@ -303,7 +306,7 @@ def main(argv=None) -> None:
         rows.append({**base, "table": "main", "method": m.name, "p": m.p, "delta": m.delta, "num_masks": 1,
                      "loss_normalize": m.normalize if m.objective == "ambient" else None,
                      "loss_weighting": m.weighting if m.objective == "ambient" else None,
-                     "lr_schedule": m.lr_schedule if m.objective == "ambient" else None,
+                     "lr_schedule": m.lr_schedule,
                      "steps": 18, "train_s": timing[m.key]["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: FID {rows[-1]['fid']:.1f}  KID {rows[-1]['kid']:.4f}  SWD {rows[-1]['swd']:.4f}  "
             f"memorised {rows[-1]['memorized_share']:.3f}")

@@ -53,6 +53,9 @@ WEIGHTINGS = ("edm", "pixel", "tilted")
 # today's default with the cosine decay
 AMBIENT_VARIANTS = [*((f"ambient-{w}", w, "constant") for w in WEIGHTINGS),
                     ("ambient-tilted-cosine", "tilted", "cosine")]
+# (suffix, schedule) of the baselines: "clean" / "naive" at the constant rate, "clean-cosine" / "naive-cosine" with
+# the cosine decay (ambient train's default since 2026-12-05)
+BASELINE_SCHEDULES = [("", "constant"), ("-cosine", "cosine")]
 MODES = {
     "quick": dict(kimg={"dust": 1.0, "rgb": 1.0, "box": 1.0}, num_samples=64, num_ref=128, num_train=2000),
     "full": dict(kimg={"dust": 10.0, "rgb": 10.0, "box": 6.0}, num_samples=300, num_ref=1000, num_train=None),
@@ -73,8 +76,10 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
     if case == "rgb":
         paths = build_data(root / "rgb-data", args.num_train or 1200, args.num_ref, keep=0.2, seed=args.seed)
         common.pop("max_size")
-        models = [("clean", TrainConfig(data=str(paths["clean"]), outdir=out("clean"), objective="naive", **common)),
-                  ("naive", TrainConfig(data=str(paths["obs"]), outdir=out("naive"), objective="naive", **common))]
+        models = [(f"{kind}{suffix}", TrainConfig(data=str(paths["clean" if kind == "clean" else "obs"]),
+                                                  outdir=out(f"{kind}{suffix}"), objective="naive",
+                                                  lr_schedule=schedule, **common))
+                  for suffix, schedule in BASELINE_SCHEDULES for kind in ("clean", "naive")]
         models += [(name, TrainConfig(data=str(paths["obs"]), outdir=out(name), objective="ambient",
                                       delta_probability=0.1, loss_weighting=w, lr_schedule=schedule, **common))
                    for name, w, schedule in AMBIENT_VARIANTS]
@@ -86,9 +91,13 @@ def case_configs(case: str, args, root: Path) -> tuple[list[tuple[str, TrainConf
     # one clean model for both Fashion-MNIST cases (p = 0: the mask pattern plays no part), trained under dust's name
     clean_common = {**common, "kimg": args.kimg["dust"], "ema": max(args.kimg["dust"] / 16, 0.1),
                     "snapshot_kimg": max(args.kimg["dust"] / 4, 0.5), "tick_kimg": max(args.kimg["dust"] / 50, 0.1)}
-    models = [("clean", TrainConfig(data=data, outdir=str(root / "dust-clean"), objective="naive", **clean_common)),
-              ("naive", TrainConfig(data=data, outdir=out("naive"), objective="naive", corruption_pattern=pattern,
-                                    corruption_probability=p, **common))]
+    models = []
+    for suffix, schedule in BASELINE_SCHEDULES:
+        models += [(f"clean{suffix}", TrainConfig(data=data, outdir=str(root / f"dust-clean{suffix}"),
+                                                  objective="naive", lr_schedule=schedule, **clean_common)),
+                   (f"naive{suffix}", TrainConfig(data=data, outdir=out(f"naive{suffix}"), objective="naive",
+                                                  corruption_pattern=pattern, corruption_probability=p,
+                                                  lr_schedule=schedule, **common))]
     models += [(name, TrainConfig(data=data, outdir=out(name), objective="ambient", corruption_pattern=pattern,
                                   corruption_probability=p, delta_probability=delta, loss_weighting=w,
                                   lr_schedule=schedule, **common))
@@ -125,8 +134,8 @@ def parse_args(argv=None):
     ap.add_argument("--mode", choices=tuple(MODES), default="quick")
     ap.add_argument("--cases", nargs="+", choices=("dust", "rgb", "box"), default=["dust", "rgb", "box"])
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="default: clean naive ambient-<each weighting> ambient-tilted-cosine (tilted with "
-                         "--lr-schedule cosine)")
+                    help="default: clean naive ambient-<each weighting> at a constant rate, clean-cosine "
+                         "naive-cosine ambient-tilted-cosine with the cosine decay (--lr-schedule cosine)")
     ap.add_argument("--num-samples", type=int)
     ap.add_argument("--num-ref", type=int)
     ap.add_argument("--num-train", type=int)
@@ -171,10 +180,14 @@ def main(argv=None) -> None:
 
 
 def gap(rows: list[dict], r: dict) -> str:
+    """The share of the naive → clean KID gap an ambient model closes, against the baselines trained with the same
+    learning-rate schedule (``clean-cosine`` / ``naive-cosine`` for a ``-cosine`` model, where measured)."""
     base = {x["method"]: x["kid"] for x in rows if x["case"] == r["case"]}
-    if not r["method"].startswith("ambient") or "clean" not in base or "naive" not in base:
+    suffix = "-cosine" if r["method"].endswith("-cosine") and {"clean-cosine", "naive-cosine"} <= set(base) else ""
+    clean, naive = f"clean{suffix}", f"naive{suffix}"
+    if not r["method"].startswith("ambient") or clean not in base or naive not in base:
         return "–"
-    return f"{(base['naive'] - r['kid']) / (base['naive'] - base['clean']):.2f}"
+    return f"{(base[naive] - r['kid']) / (base[naive] - base[clean]):.2f}"
 
 
 def write_docs(args, rows: list[dict], command: str, wall_s: float) -> None:

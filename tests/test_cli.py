@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,22 +324,54 @@ def test_pixel_loss_weighting_needs_the_mask_aware_scalings(tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "pixel"
 
 
+def _as_before_the_option(run: Path, option: str) -> None:
+    """Rewrite a train run's configs as a version from before ``option`` wrote them (without it)."""
+    for cfg_path in [run / "config.json", *run.glob("snapshot-*/config.json")]:
+        saved = json.loads(cfg_path.read_text())
+        del saved["train"][option]
+        cfg_path.write_text(json.dumps(saved))
+        done = cfg_path.parent / "COMPLETE"
+        if done.is_file():  # the snapshot's manifest records each file's size
+            manifest = json.loads(done.read_text())
+            manifest["files"]["config.json"] = cfg_path.stat().st_size
+            done.write_text(json.dumps(manifest))
+
+
 def test_lr_schedule_cosine_decays_to_zero_and_is_kept_on_resume(tmp_path, capsys):
     root = write_folder(tmp_path / "data", n=4)
     out = tmp_path / "r"
     base = ["train", "--data", str(root), "--outdir", str(out), "--corruption-probability", "0.5",
             "--lr-warmup-kimg", "0", *TINY]
-    code, _, err = run([*base, "--kimg", "0.032", "--lr-schedule", "cosine"], capsys)
+    code, _, err = run([*base, "--kimg", "0.032"], capsys)  # the default for a new run: cosine
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["train"]["lr_schedule"] == "cosine"
     lrs = [r["lr"] for r in map(json.loads, (out / "stats.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs and all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * 1e-3  # logged rates fall
-    code, _, err = run([*base, "--kimg", "0.048"], capsys)  # resuming with the default schedule is refused
+    code, _, err = run([*base, "--kimg", "0.048", "--lr-schedule", "constant"], capsys)  # another schedule: refused
     assert code == 2 and "--lr-schedule is 'constant'" in err and "'cosine'" in err
-    code, _, err = run([*base, "--kimg", "0.048", "--lr-schedule", "cosine"], capsys)
+    code, _, err = run([*base, "--kimg", "0.048"], capsys)  # the default keeps the run's own
     assert code == 0, err
     code, _, err = run([*base, "--outdir", str(tmp_path / "x"), "--lr-schedule", "step"], capsys)
     assert code == 2 and "--lr-schedule" in err and not (tmp_path / "x").exists()
+
+
+def test_lr_schedule_constant_runs_and_runs_from_before_the_option_keep_a_constant_rate(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", n=4)
+    out = tmp_path / "r"
+    base = ["train", "--data", str(root), "--outdir", str(out), "--corruption-probability", "0.5",
+            "--lr-warmup-kimg", "0", *TINY]
+    code, _, err = run([*base, "--kimg", "0.016", "--lr-schedule", "constant"], capsys)
+    assert code == 0, err
+    _as_before_the_option(out, "lr_schedule")
+    code, _, err = run([*base, "--kimg", "0.032", "--lr-schedule", "cosine"], capsys)
+    assert code == 2 and "--lr-schedule is 'cosine'" in err and "'constant'" in err
+    code, _, err = run([*base, "--kimg", "0.032"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["lr_schedule"] == "constant"
+    lrs = [r["lr"] for r in map(json.loads, (out / "stats.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs and all(abs(lr - 1e-3) < 1e-12 for lr in lrs)
+    code, stdout, _ = run([*base, "--outdir", str(tmp_path / "n"), "--dry-run"], capsys)
+    assert code == 0 and json.loads(stdout)["lr_schedule"] == "cosine"
 
 
 def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_path, capsys):
@@ -358,15 +391,7 @@ def test_loss_weighting_default_and_resume_of_runs_from_before_the_option(tmp_pa
     naive = ["train", "--data", str(root), "--outdir", str(tmp_path / "n"), "--objective", "naive", *TINY]
     code, stdout, _ = run([*naive, "--dry-run"], capsys)  # nothing hidden: EDM's weighting, recorded as such
     assert code == 0 and json.loads(stdout)["loss_weighting"] == "edm"
-    for cfg_path in [out / "config.json", *out.glob("snapshot-*/config.json")]:  # as an older version wrote it
-        saved = json.loads(cfg_path.read_text())
-        del saved["train"]["loss_weighting"]
-        cfg_path.write_text(json.dumps(saved))
-        done = cfg_path.parent / "COMPLETE"
-        if done.is_file():  # the snapshot's manifest records each file's size
-            manifest = json.loads(done.read_text())
-            manifest["files"]["config.json"] = cfg_path.stat().st_size
-            done.write_text(json.dumps(manifest))
+    _as_before_the_option(out, "loss_weighting")
     code, _, err = run([*base, "--kimg", "0.032", "--loss-weighting", "pixel"], capsys)
     assert code == 2 and "--loss-weighting is 'pixel'" in err and "'edm'" in err
     code, _, err = run([*base, "--kimg", "0.032"], capsys)  # the default keeps the old run's weighting

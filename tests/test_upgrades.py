@@ -1,6 +1,6 @@
 """Old-folder upgrades: each rule fills in what an older version did not record, and leaves today's sections
 (and its argument) as they are. The folders themselves are loaded in test_fixture_folders.py, test_cli.py
-(loss weighting), test_em.py (lap0) and test_mask_law.py (mask law)."""
+(loss weighting, learning-rate schedule), test_em.py (lap0) and test_mask_law.py (mask law)."""
 
 import copy
 
@@ -12,9 +12,11 @@ from ambient.store.upgrades import em_section, mask_law_notice, sampling_section
 def test_train_section():
     assert train_section({}) == {}
     old = {"kimg": 1.0}
-    assert train_section(old) == {"kimg": 1.0, "loss_weighting": "edm"} and old == {"kimg": 1.0}
+    assert train_section(old) == {"kimg": 1.0, "loss_weighting": "edm", "lr_schedule": "constant"} and \
+        old == {"kimg": 1.0}
     assert train_section({"loss_weighting": None})["loss_weighting"] == "edm"
-    assert train_section({"loss_weighting": "tilted"}) == {"loss_weighting": "tilted"}
+    today = {"loss_weighting": "tilted", "lr_schedule": "cosine"}
+    assert train_section(today) == today
 
 
 def test_em_section():

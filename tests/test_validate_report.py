@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 validate_report = pytest.importorskip("validate_report")
@@ -105,3 +106,31 @@ def test_validate_refuses_bad_results_json_before_training(tmp_path):
     with pytest.raises(SystemExit, match="results.json: not valid JSON"):
         validate.main(["--quick", "--docs-dir", str(tmp_path), "--out-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
+
+
+def test_benchmark_model_keys_name_the_learning_rate_schedule():
+    """validate.py follows ambient train's default (cosine): its models' folders say so, and --lr-schedule constant
+    finds the folders trained before (keys without a suffix); weighting.py grades a cosine ambient model against
+    the cosine baselines when it has them."""
+    validate = pytest.importorskip("validate")
+    weighting = pytest.importorskip("weighting")
+    keys = [m.key for m in validate.methods_for(validate.parse_args(["--mode", "full"]))]
+    assert "clean-p0-cosine" in keys and "ambient-p0.8-d0.1-tilted-cosine" in keys and "naive-p0.9-cosine" in keys
+    keys = [m.key for m in validate.methods_for(validate.parse_args(["--mode", "full", "--lr-schedule", "constant"]))]
+    assert {"clean-p0", "naive-p0.8", "ambient-p0.8-d0.1-tilted"} <= set(keys)
+    rows = [{"case": "dust", "method": m, "kid": k} for m, k in
+            (("clean", 0.1), ("naive", 0.5), ("clean-cosine", 0.05), ("naive-cosine", 0.45),
+             ("ambient-tilted", 0.3), ("ambient-tilted-cosine", 0.25))]
+    assert weighting.gap(rows, rows[4]) == "0.50" and weighting.gap(rows, rows[5]) == "0.50"
+    assert weighting.gap(rows[:2] + rows[4:], rows[5]) == f"{(0.5 - 0.25) / 0.4:.2f}"  # no cosine baselines
+
+
+def test_the_validation_figure_shows_the_models_of_the_runs_schedule(monkeypatch):
+    validate = pytest.importorskip("validate")
+    args = validate.parse_args(["--mode", "full", "--probs", "0.8"])
+    u8 = torch.zeros(12, 1, 28, 28, dtype=torch.uint8)
+    samples = {"clean-p0-cosine": u8, "naive-p0.8-cosine": u8, "ambient-p0.8-d0.1-tilted-cosine": u8,
+               "ambient-p0.8-d0.1-tilted": u8}
+    monkeypatch.setattr(validate, "corrupted_examples", lambda p, delta, n, seed: u8)  # no data set needed
+    labels = [label for label, _ in validate.figure_rows(args, samples)]
+    assert labels == ["clean data", "corrupted p=0.8", "naive p=0.8", "ambient p=0.8", "clean-trained"]

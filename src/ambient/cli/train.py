@@ -44,7 +44,9 @@ TRAIN_OPTIONS = [
     ("lr", float, "Adam learning rate (after warm-up)."),
     ("lr_warmup_kimg", float, "Linear learning-rate warm-up, in thousands of images."),
     ("lr_schedule", click.Choice(LR_SCHEDULES), "After the warm-up: constant, or cosine decay to 0 at --kimg "
-                                                "(raising --kimg on resume stretches it; docs/fidelity.md)."),
+                                                "(raising --kimg on resume stretches it). Default: cosine for a new "
+                                                "run; a resumed run keeps its own (constant for runs from before "
+                                                "the option); docs/fidelity.md."),
     ("kimg", float, "Training duration in thousands of images (fractions allowed)."),
     ("ema", float, "EMA half-life in kimg."),
     ("ema_rampup", float, "EMA half-life ramp-up ratio (half-life ≤ ratio × images seen); 0 disables."),

@@ -489,10 +489,12 @@ class EMRun:
                 for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images", "estep_clipped") if k in z}
 
     def train_config(self, lap: int) -> TrainConfig:
+        """Lap ``lap``'s M-step: clean training on the pool, warm-started from the previous lap, at a constant
+        learning rate (the cosine decay ``ambient train`` defaults to was measured on single runs, not on laps)."""
         cfg = self.cfg
         return TrainConfig(data=str(self.training_data(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
                            corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
-                           lr_warmup_kimg=cfg.lr_warmup_kimg, kimg=cfg.lap_kimg, ema=cfg.ema,
+                           lr_warmup_kimg=cfg.lr_warmup_kimg, lr_schedule="constant", kimg=cfg.lap_kimg, ema=cfg.ema,
                            snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
                            grid_samples=cfg.grid_samples, seed=mix_seed(EM_MSTEP_STREAM, cfg.seed, lap) % 2**31,
                            device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)

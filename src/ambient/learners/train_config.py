@@ -72,7 +72,8 @@ class TrainConfig(ConfigBase, what="training"):
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0
-    lr_schedule: str = "constant"  # after the warm-up: constant, or cosine decay to 0 at --kimg
+    lr_schedule: str | None = None  # after the warm-up: constant, or cosine decay to 0 at --kimg; None: cosine for a
+    # new run (a resumed run keeps its own; runs from before the option: constant)
     kimg: float = 10.0
     ema: float = 0.5
     ema_rampup: float = 0.05
@@ -102,10 +103,11 @@ class TrainConfig(ConfigBase, what="training"):
             if not isinstance(v, (int, float)) or not (0.0 <= float(v) < 1.0):
                 self.fail(name, f"must be in [0, 1), got {v!r}")
         choices = {"corruption_pattern": PATTERNS, "objective": OBJECTIVES, "arch": ARCHS,
-                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS, "lr_schedule": LR_SCHEDULES}
+                   "loss_normalize": NORMALIZATIONS, "precision": PRECISIONS, "lr_schedule": (None, *LR_SCHEDULES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                self.fail(name, f"must be one of {', '.join(a for a in allowed if a is not None)}, "
+                                f"got {getattr(self, name)!r}")
         self._check_noise_sigma()
         if self.loss_weighting not in (None, *WEIGHTINGS):
             self.fail("loss_weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")

@@ -26,7 +26,9 @@ def train_section(train: dict) -> dict:
     if not train:
         return train
     # loss_weighting: recorded since 2026-12-01 (4d2df32, "--loss-weighting"); runs from before trained with edm
-    return {**train, "loss_weighting": train.get("loss_weighting") or "edm"}
+    # lr_schedule: recorded since 2026-12-04 (--lr-schedule); runs from before trained at a constant rate
+    return {**train, "loss_weighting": train.get("loss_weighting") or "edm",
+            "lr_schedule": train.get("lr_schedule") or "constant"}
 
 
 def data_section(data: dict) -> dict:
