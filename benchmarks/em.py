@@ -14,10 +14,12 @@ hidden pixels against the clean training images; E-step and M-step wall times.
     python benchmarks/em.py --quick --threads 1   # pipeline check, 1.5 kimg, 2 laps, N = 64: 6.5 min
     python benchmarks/em.py --mode medium --threads 2   # validate's medium models (18 kimg), 3 laps × 6 kimg
     python benchmarks/em.py --threads 2           # full: 60 kimg, 3 laps × 20 kimg, 1000 fresh completions per lap
+    python benchmarks/em.py --mode curve --threads 1   # 3000 observations, 8 laps × 4 kimg, all redrawn in turn
 
-Writes docs/em.md (full mode) or docs/em_<mode>.md (labelled as such), the per-lap curve and the sample
-grid beside it, and rows ``"method": "em"`` with ``"lap"`` in docs/results.json (table "em", this mode's
-rows replaced). Every stage resumes (ambient em resumes itself; samples are cached in each lap's folder).
+Writes docs/em.md (curve mode: many laps on a subset, so every observation is redrawn) or docs/em_<mode>.md
+(labelled as such), the per-lap curve and the sample grid beside it, and rows ``"method": "em"`` with ``"lap"``
+in docs/results.json (table "em", this mode's rows replaced). Every stage resumes (ambient em resumes itself;
+samples are cached in each lap's folder).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def parse_args(argv=None):
         ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     for flag in ("--kimg", "--num-samples", "--num-ref"):  # passed on to validate's settings (default: its mode's)
         ap.add_argument(flag, default=None)
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                    help="the baselines' learning-rate schedule (default: validate.py's); EM's M-steps keep a "
+                         "constant rate")
     ap.add_argument("--lap0", choices=("sample", "mean"), default="sample",
                     help="lap 0's completions: exact Gaussian posterior draws (ambient em's default since "
                          "2026-12-04; runs named em-p*-draws) or the posterior mean (em-p*-mean; before, em-p*)")
@@ -97,12 +102,20 @@ def parse_args(argv=None):
     val_dir = args.validate_dir or (str(ROOT / "runs" / "em" / args.mode / "baselines") if sub else None)
     val_argv = ["--mode", "medium" if sub else args.mode] + (["--out-dir", val_dir] if val_dir else [])
     val_argv += ["--max-size", str(args.max_size)] if sub else []
-    for key in ("kimg", "num_samples", "num_ref"):
+    for key in ("kimg", "num_samples", "num_ref", "lr_schedule"):
         if getattr(args, key) is not None:
             val_argv += [f"--{key.replace('_', '-')}", getattr(args, key)]
     args.val = validate.parse_args(val_argv)  # the baselines' settings, exactly validate's
     args.out_dir = Path(args.out_dir or ROOT / "runs" / "em" / args.mode)
     return args
+
+
+def baselines(v) -> list:
+    """clean, naive and ambient p = 0.8 with validate's settings ``v`` (its loss weighting and learning-rate
+    schedule: ambient train's defaults unless told otherwise)."""
+    return [validate.Method("clean", 0.0, 0.0, lr_schedule=v.lr_schedule),
+            validate.Method("naive", P, 0.0, lr_schedule=v.lr_schedule),
+            validate.Method("ambient", P, v.delta, weighting=v.loss_weighting, lr_schedule=v.lr_schedule)]
 
 
 def em_config(args, init: str | None = None) -> EMConfig:
@@ -166,9 +179,21 @@ def em_rows(args, cfg: EMConfig, scorer, base: dict, method: str = "em") -> tupl
     return rows, samples
 
 
+def page_suffix(mode: str) -> str:
+    """docs/em{suffix}.md: the curve mode (issue 24's convergence run, today's defaults) is docs/em.md; the full
+    mode (60 000 observations, 3 laps: most completions are never redrawn) is docs/em_full.md."""
+    return "" if mode == "curve" else f"_{mode}"
+
+
+def run_settings(cfg: EMConfig) -> dict:
+    """The EM run's settings as it resolved and recorded them (em_config.json), else as configured."""
+    path = Path(cfg.outdir) / "em_config.json"
+    return json.loads(path.read_text())["em"] if path.is_file() else cfg.to_dict()
+
+
 def publish(args, cfg: EMConfig, rows: list[dict], samples: dict, argv, started: float) -> None:
     docs = Path(args.docs_dir)
-    suffix = "" if args.mode == "full" else f"_{args.mode}"
+    suffix = page_suffix(args.mode)
     figs = {"curve": f"em_laps{suffix}.png", "grid": f"em_samples{suffix}.png"}
     write_curve(docs / figs["curve"], rows)
     em = [r for r in rows if r["method"].startswith("em")]
@@ -179,8 +204,9 @@ def publish(args, cfg: EMConfig, rows: list[dict], samples: dict, argv, started:
     words = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     meta = {"mode": args.mode, "command": "python " + " ".join(shlex.quote(a) for a in words),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - started,
-            "threads": torch.get_num_threads(), "em": cfg.to_dict(), "figures": figs,
-            "val": {k: getattr(args.val, k) for k in ("kimg", "arch", "batch", "lr", "num_samples", "num_ref", "seed")}}
+            "threads": torch.get_num_threads(), "em": run_settings(cfg), "figures": figs,
+            "val": {k: getattr(args.val, k) for k in ("kimg", "arch", "batch", "lr", "lr_schedule", "num_samples",
+                                                      "num_ref", "seed")}}
     page = docs / f"em{suffix}.md"
     notes = ""  # hand-written analysis below the NOTES marker survives a rerun
     if page.is_file() and NOTES in page.read_text(encoding="utf-8"):
@@ -208,8 +234,7 @@ def main(argv=None) -> None:
         f"{cfg.steps} steps, Gaussian rank {cfg.rank}, lap 0 = {cfg.lap0}; run in {cfg.outdir}")
     run_em(cfg, log=log)
     runs.append(("em", cfg))
-    for m in (validate.Method("clean", 0.0, 0.0), validate.Method("naive", P, 0.0),
-              validate.Method("ambient", P, v.delta, weighting=v.loss_weighting)):
+    for m in baselines(v):
         rec = validate.train_stage(m, v, v.out_dir)
         u8, sec = validate.sample_stage(m, v.out_dir, v.kimg, v.num_samples, 1, 18)
         samples[m.name] = u8
@@ -217,7 +242,7 @@ def main(argv=None) -> None:
                      "train_s": rec["train_s"], "sample_s": sec, **scorer.score(u8)})
         log(f"{m.key}: KID {rows[-1]['kid']:.4f}  FID {rows[-1]['fid']:.1f}")
     if args.with_init:
-        cfg = em_config(args, str(v.out_dir / validate.Method("ambient", P, v.delta, weighting=v.loss_weighting).key))
+        cfg = em_config(args, str(v.out_dir / baselines(v)[2].key))
         log(f"em-init: as em, lap 0 from the ambient model's posterior mean; run in {cfg.outdir}")
         run_em(cfg, log=log)
         runs.append(("em-init", cfg))

@@ -7,7 +7,7 @@ ambient model's posterior mean, that mean plus the Gaussian posterior's residual
 benchmarks/validate.py (KID, FID against 1000 clean test images) and by PSNR on the hidden pixels.
 
     python benchmarks/em_lap0.py runs/validate/medium/ambient-p0.8-d0.1 runs/em/medium/em-p0.8/gaussian.npz \
-        --num 1000 --mmps        # the table in docs/em.md (about 25 min on one busy core)
+        --num 1000 --mmps        # the table in docs/em_full.md (about 25 min on one busy core)
 
 The Gaussian file is a lap-0 prior written by ``ambient em`` (RUN/gaussian.npz); the ambient model any
 mask-input model trained on the same observations.

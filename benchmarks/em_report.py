@@ -71,6 +71,20 @@ def _row(r: dict) -> str:
             f"{psnr} | {r['train_s'] / 60:.1f} | {estep} | {r['sample_s'] / 60:.1f} |")
 
 
+def _fit_text(e: dict) -> str:
+    if e.get("gaussian_tol") is None:
+        return f"{e['gaussian_iters']} closed-form EM iterations"
+    per = "per observed value" if e.get("gaussian_tol_per") == "value" else "per image"
+    return (f"closed-form missing-data EM until the log-likelihood gains under {e['gaussian_tol']:g} nats {per}, "
+            f"at most {e['gaussian_iters']} iterations")
+
+
+def _redraw_text(e: dict) -> str:
+    if e.get("redraw") == "rotate":
+        return "in rotation: blocks of one seeded permutation, so every observation is redrawn in turn"
+    return "a fresh random subset per lap"
+
+
 def write_markdown(rows: list[dict], meta: dict) -> str:
     m, e, v = meta, meta["em"], meta["val"]
     quick = m["mode"] != "full"
@@ -86,14 +100,14 @@ def write_markdown(rows: list[dict], meta: dict) -> str:
         f"Command: `{m['command']}` ({m['date']}, {m['threads']} torch threads, {m['wall_s'] / 60:.1f} min this "
         "invocation; stages reused from earlier invocations not counted).", "",
         f"Baselines: benchmarks/validate.py's {m['mode']} models (`{v['arch']}` backbone, batch {v['batch']}, lr "
-        f"{v['lr']:g}, {v['kimg']:g} kimg, seed {v['seed']}). EM: the same observations as ambient p = 0.8, "
-        f"{e['laps']} laps × {e['lap_kimg']:g} kimg (same images seen in total), lap 0 = Gaussian prior "
-        f"({e['gaussian_noise']} + rank {e['rank']}, {e['gaussian_iters']} closed-form EM iterations on "
-        f"{e['gaussian_size']} observations; lap-0 completions = its posterior {e.get('lap0', 'sample')}"
-        f"{'' if e.get('lap0', 'sample') == 'mean' else ' draws'}), then MMPS E-steps ({e['steps']} Heun steps, "
-        f"{e['cg_iters']} CG "
-        f"iteration, σ_y = {e['sigma_y']:g}) on {e['estep_size']} observations per lap; each M-step warm-starts "
-        "from the previous lap with a fresh optimizer.", "",
+        f"{v['lr']:g} ({v.get('lr_schedule') or 'constant'}), {v['kimg']:g} kimg, seed {v['seed']}). EM: the same "
+        f"observations as ambient p = 0.8, {e['laps']} laps × {e['lap_kimg']:g} kimg (same images seen in total; "
+        f"M-steps at a constant lr), lap 0 = Gaussian prior ({e['gaussian_noise']} + rank {e['rank']}, "
+        f"{_fit_text(e)} on {e['gaussian_size']} observations; lap-0 completions = its posterior "
+        f"{e.get('lap0', 'sample')}{'' if e.get('lap0', 'sample') == 'mean' else ' draws'}), then MMPS E-steps "
+        f"({e['steps']} Heun steps, {e['cg_iters']} CG iteration, σ_y = {e['sigma_y']:g}) on {e['estep_size']} "
+        f"observations per lap ({_redraw_text(e)}); each M-step warm-starts from the previous lap with a fresh "
+        "optimizer.", "",
         f"Scores: {v['num_samples']} samples (seeds 0..{v['num_samples'] - 1}, Heun 18 steps) against the first "
         f"{v['num_ref']} clean test images: FID, KID (mean ± sd over 100 subsets), pixel SWD. `compl. KID`: KID of "
         f"{v['num_samples']} of the lap's completions (what its M-step trained on); `hidden PSNR`: the completions "
