@@ -113,9 +113,7 @@ def parse_args(argv=None):
 def baselines(v) -> list:
     """clean, naive and ambient p = 0.8 with validate's settings ``v`` (its loss weighting and learning-rate
     schedule: ambient train's defaults unless told otherwise)."""
-    return [validate.Method("clean", 0.0, 0.0, lr_schedule=v.lr_schedule),
-            validate.Method("naive", P, 0.0, lr_schedule=v.lr_schedule),
-            validate.Method("ambient", P, v.delta, weighting=v.loss_weighting, lr_schedule=v.lr_schedule)]
+    return [validate.model(v, "clean"), validate.model(v, "naive", P), validate.model(v, "ambient", P)]
 
 
 def em_config(args, init: str | None = None) -> EMConfig:

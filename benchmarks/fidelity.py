@@ -443,7 +443,8 @@ def main(argv=None) -> None:
                 continue  # one clean model per case
             # a trained model's folder names its learning-rate schedule unless constant (the folders of before
             # the option); EM's M-steps keep a constant rate whatever --lr-schedule says
-            suffix = "" if args.lr_schedule == "constant" or name == "em" else f"-{args.lr_schedule}"
+            schedule = "constant" if name == "em" else args.lr_schedule
+            suffix = "" if schedule == "constant" else f"-{schedule}"
             if clean:
                 run = root / f"{case.name}-clean{suffix}"
             else:
@@ -479,7 +480,7 @@ def main(argv=None) -> None:
                        "cov_err": sc["cov_err"], "mean_err": sc["mean_err"], "floor_sampler": fl["sampler"],
                        "floor_noise": fl["noise"], "floor_sampler_at_n": fl["sampler_at_n"],
                        "ratio_to_floor": sc["cov_err"] / fl["sampler_at_n"], "train_s_now": train_s,
-                       "mode": args.mode, "lr_schedule": "constant" if name == "em" else args.lr_schedule,
+                       "mode": args.mode, "lr_schedule": schedule,
                        **{k: v for k, v in sc.items() if k not in ("cov_err", "mean_err")}}
                 rows.append(row)
                 log(f"  {name:15s} {kimg:7.1f} kimg  cov err {sc['cov_err']:.3f} "

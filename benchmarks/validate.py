@@ -93,14 +93,22 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def model(args, name: str, p: float = 0.0) -> Method:
+    """Model ``name`` (clean | naive | ambient | ambient-d0) at ``p`` with the run's settings: every one its
+    learning-rate schedule, the ambient ones also δ (ambient-d0: 0) and the loss's normalisation and weighting."""
+    if not name.startswith("ambient"):
+        return Method(name, p, 0.0, lr_schedule=args.lr_schedule)
+    delta = 0.0 if name == "ambient-d0" else args.delta
+    return Method(name, p, delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
+
+
 def methods_for(args) -> list[Method]:
-    out = [Method("clean", 0.0, 0.0, lr_schedule=args.lr_schedule)]
-    out += [Method("naive", p, 0.0, lr_schedule=args.lr_schedule) for p in args.naive_probs]
-    out += [Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
-            for p in args.probs]
+    out = [model(args, "clean")]
+    out += [model(args, "naive", p) for p in args.naive_probs]
+    out += [model(args, "ambient", p) for p in args.probs]
     out.sort(key=lambda m: (m.name != "clean", m.p != 0.8))  # the central comparison (p = 0.8) first
     if args.with_delta0:
-        out.append(Method("ambient-d0", 0.8, 0.0, args.loss_normalize, args.loss_weighting, args.lr_schedule))
+        out.append(model(args, "ambient-d0", 0.8))
     if args.methods:
         unknown = set(args.methods) - {m.key for m in out}
         if unknown:
@@ -255,11 +263,10 @@ def figure_rows(args, samples: dict) -> list:
     out = [("clean data", corrupted_examples(0.0, 0.0, 12, args.seed))]
     for p in args.probs:
         out.append((f"corrupted p={p:g}", corrupted_examples(p, args.delta, 12, args.seed)))
-        for m in (Method("naive", p, 0.0, lr_schedule=args.lr_schedule),
-                  Method("ambient", p, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)):
+        for m in (model(args, "naive", p), model(args, "ambient", p)):
             if m.key in samples:
                 out.append((f"{m.name} p={p:g}", samples[m.key][:12]))
-    clean = Method("clean", 0.0, 0.0, lr_schedule=args.lr_schedule).key
+    clean = model(args, "clean").key
     if clean in samples:
         out.append(("clean-trained", samples[clean][:12]))
     return out
@@ -298,7 +305,7 @@ def main(argv=None) -> None:
     floor = load_images(TEST, max_size=args.num_ref + args.num_samples)[args.num_ref:]
     rows.append({**base, "table": "reference", "method": "real-test", "p": 0.0, "delta": 0.0, "kimg": None,
                  "num_masks": None, "steps": None, "train_s": 0.0, "sample_s": 0.0, **scorer.score(floor)})
-    ablated = Method("ambient", 0.8, args.delta, args.loss_normalize, args.loss_weighting, args.lr_schedule)
+    ablated = model(args, "ambient", 0.8)
     for m in methods:  # one model at a time, docs rewritten after each, so a stopped run leaves usable docs
         timing[m.key] = train_stage(m, args, root)
         u8, sec = sample_stage(m, root, args.kimg, args.num_samples, 1, 18)
