@@ -37,7 +37,7 @@ import torch
 from ambient.data.datasets import load_images
 from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz, atomic_write_text, read_jsonl
-from ambient.learners.em import EMConfig, load_observations, run_em
+from ambient.learners.em import MASK_SIGMA_Y, EMConfig, load_observations, run_em
 from ambient.sampling.generate import sample_model
 from ambient.store.models import load_model
 
@@ -81,13 +81,17 @@ def parse_args(argv=None):
     for flag in ("--kimg", "--num-samples", "--num-ref"):  # passed on to validate's settings (default: its mode's)
         ap.add_argument(flag, default=None)
     ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                    help="the baselines' learning-rate schedule (default: validate.py's); EM's M-steps keep a "
-                         "constant rate")
+                    help="the baselines' learning-rate schedule (default: validate.py's)")
+    ap.add_argument("--em-lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="EM's M-steps' (ambient em --lr-schedule: cosine decays to 0 at each lap's end); runs of "
+                         "another schedule than constant are named with it (em-p0.8-draws-cosine)")
     ap.add_argument("--lap0", choices=("sample", "mean"), default="sample",
                     help="lap 0's completions: exact Gaussian posterior draws (ambient em's default since "
                          "2026-12-04; runs named em-p*-draws) or the posterior mean (em-p*-mean; before, em-p*)")
     ap.add_argument("--cg-iters", type=int, default=1)
-    ap.add_argument("--sigma-y", type=float, default=1e-3)
+    ap.add_argument("--sigma-y", type=float, default=None,
+                    help="the E-step's σ_y (default: ambient em's); runs of another than 0.001 (the value of the "
+                         "runs before 2026-12-05) are named with it (em-p0.8-draws-sy0.1)")
     args = ap.parse_args(argv)
     if args.quick:
         args.mode = "quick"
@@ -120,13 +124,16 @@ def em_config(args, init: str | None = None) -> EMConfig:
     v = args.val
     lap_kimg = v.kimg / args.laps
     name = f"em-p{P:g}" + ("-init" if init else "") + ("-mean" if args.lap0 == "mean" else "-draws")
+    name += "" if args.em_lr_schedule == "constant" else f"-{args.em_lr_schedule}"
+    sigma_y = MASK_SIGMA_Y if args.sigma_y is None else args.sigma_y
+    name += "" if sigma_y == 1e-3 else f"-sy{sigma_y:g}"
     return EMConfig(data=validate.DATA, outdir=str(args.out_dir / name), max_size=args.max_size,
                     corruption_probability=P, init=init,
                     laps=args.laps, lap_kimg=lap_kimg, estep_size=args.estep_size, rank=args.rank,
                     gaussian_iters=args.gaussian_iters, gaussian_size=args.gaussian_size, steps=args.steps,
-                    cg_iters=args.cg_iters, sigma_y=args.sigma_y, estep_batch=64, lap0=args.lap0,
-                    arch=v.arch, batch=v.batch,
-                    lr=v.lr, ema=max(lap_kimg / 8, 0.1), snapshot_kimg=max(lap_kimg / 2, 0.5), seed=v.seed)
+                    cg_iters=args.cg_iters, sigma_y=sigma_y, estep_batch=64, lap0=args.lap0,
+                    arch=v.arch, batch=v.batch, lr=v.lr, lr_schedule=args.em_lr_schedule,
+                    ema=max(lap_kimg / 8, 0.1), snapshot_kimg=max(lap_kimg / 2, 0.5), seed=v.seed)
 
 
 def lap_samples(lap_dir: Path, n: int) -> tuple[torch.Tensor, float]:

@@ -85,6 +85,13 @@ def _redraw_text(e: dict) -> str:
     return "a fresh random subset per lap"
 
 
+def _mstep_lr_text(e: dict) -> str:
+    """The M-steps' learning-rate schedule as the run recorded it (runs from before the option: constant)."""
+    if e.get("lr_schedule", "constant") == "cosine":
+        return "lr decayed by cosine to 0 at each lap's end"
+    return "constant lr"
+
+
 def write_markdown(rows: list[dict], meta: dict) -> str:
     m, e, v = meta, meta["em"], meta["val"]
     quick = m["mode"] != "full"
@@ -102,7 +109,7 @@ def write_markdown(rows: list[dict], meta: dict) -> str:
         f"Baselines: benchmarks/validate.py's {m['mode']} models (`{v['arch']}` backbone, batch {v['batch']}, lr "
         f"{v['lr']:g} ({v.get('lr_schedule') or 'constant'}), {v['kimg']:g} kimg, seed {v['seed']}). EM: the same "
         f"observations as ambient p = 0.8, {e['laps']} laps × {e['lap_kimg']:g} kimg (same images seen in total; "
-        f"M-steps at a constant lr), lap 0 = Gaussian prior ({e['gaussian_noise']} + rank {e['rank']}, "
+        f"M-steps at a {_mstep_lr_text(e)}), lap 0 = Gaussian prior ({e['gaussian_noise']} + rank {e['rank']}, "
         f"{_fit_text(e)} on {e['gaussian_size']} observations; lap-0 completions = its posterior "
         f"{e.get('lap0', 'sample')}{'' if e.get('lap0', 'sample') == 'mean' else ' draws'}), then MMPS E-steps "
         f"({e['steps']} Heun steps, {e['cg_iters']} CG iteration, σ_y = {e['sigma_y']:g}) on {e['estep_size']} "

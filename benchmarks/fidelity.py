@@ -52,7 +52,7 @@ import torch
 from ambient.data.corruption import Corruption, sampling_masks
 from ambient.io import atomic_save_npz, read_npz
 from ambient.learners.core import LR_SCHEDULES
-from ambient.learners.em import EMConfig, run_em
+from ambient.learners.em import MASK_SIGMA_Y, OPERATOR_SIGMA_Y, EMConfig, run_em
 from ambient.learners.gaussian_prior import GaussianPrior
 from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
@@ -244,7 +244,15 @@ def em_config(case: Case, law: Law, data: Path, outdir: Path, args) -> EMConfig:
                     ema=args.kimg / args.em_laps / 16,
                     snapshot_kimg=args.kimg, grid_samples=0, device="cpu",
                     rank=min(64, case.channels * case.res * case.res), lap0=args.em_lap0,
-                    gaussian_size=args.em_gaussian_size or None)
+                    gaussian_size=args.em_gaussian_size or None, lr_schedule=args.em_lr_schedule,
+                    sigma_y=em_sigma_y(law, args))
+
+
+def em_sigma_y(law: Law, args) -> float:
+    """EM's E-step σ_y: --em-sigma-y, else ambient em's default for this data (masks, or a measurements file)."""
+    if args.em_sigma_y is not None:
+        return args.em_sigma_y
+    return OPERATOR_SIGMA_Y if law.operator else MASK_SIGMA_Y
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -373,6 +381,12 @@ def parse_args(argv=None):
                     help="the trained models' (not EM's M-steps', which stay constant as in ambient em); cosine: "
                          "ambient train's default since 2026-12-05. Runs and docs sections of another schedule "
                          "than constant are named with it (runs/fidelity/<mode>/<model>-cosine, '<mode>-cosine')")
+    ap.add_argument("--em-lr-schedule", default="constant", choices=LR_SCHEDULES,
+                    help="EM's M-steps' (ambient em --lr-schedule; cosine decays to 0 at each lap's end); runs "
+                         "of another schedule than constant are named with it (<model>-em-cosine)")
+    ap.add_argument("--em-sigma-y", type=float, default=None,
+                    help="EM's E-step σ_y (ambient em --sigma-y; default: its default for the data); runs of "
+                         "another σ_y than 0.001 (every run before 2026-12-05) are named with it (<model>-em-sy0.1)")
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--floor-masks", type=int, default=500)
@@ -442,13 +456,15 @@ def main(argv=None) -> None:
             if clean and any(r["case"] == case.name and r["method"] == "clean" for r in rows):
                 continue  # one clean model per case
             # a trained model's folder names its learning-rate schedule unless constant (the folders of before
-            # the option); EM's M-steps keep a constant rate whatever --lr-schedule says
-            schedule = "constant" if name == "em" else args.lr_schedule
+            # the option); EM's M-steps take --em-lr-schedule, not --lr-schedule
+            schedule = args.em_lr_schedule if name == "em" else args.lr_schedule
             suffix = "" if schedule == "constant" else f"-{schedule}"
             if clean:
                 run = root / f"{case.name}-clean{suffix}"
             else:
                 run = root / (run_key(case, law, method) + suffix)
+            if name == "em" and em_sigma_y(law, args) != 1e-3:  # the folders of before name none (all 1e-3)
+                run = run.with_name(f"{run.name}-sy{em_sigma_y(law, args):g}")
             t0 = time.perf_counter()
             if name == "em":
                 if law.pattern == "box":
@@ -464,7 +480,7 @@ def main(argv=None) -> None:
                     rows.append({"case": case.name, "law": law.key, "method": "em-gaussian", "kimg": 0.0,
                                  "cov_err": g_err, "mean_err": g_mean, "floor_sampler": 0.0, "floor_noise": 0.0,
                                  "floor_sampler_at_n": fl["sampler_at_n"], "ratio_to_floor": g_err / fl["sampler_at_n"],
-                                 "train_s_now": train_s, "mode": args.mode, "lr_schedule": "constant",
+                                 "train_s_now": train_s, "mode": args.mode, "lr_schedule": schedule,
                                  "exact": True})
                     log(f"  em-gaussian      (lap 0, exact)  cov err {g_err:.3f}  mean err {g_mean:.3f}")
             else:
@@ -481,6 +497,8 @@ def main(argv=None) -> None:
                        "floor_noise": fl["noise"], "floor_sampler_at_n": fl["sampler_at_n"],
                        "ratio_to_floor": sc["cov_err"] / fl["sampler_at_n"], "train_s_now": train_s,
                        "mode": args.mode, "lr_schedule": schedule,
+                       **({"sigma_y": json.loads((run / "em_config.json").read_text())["em"]["sigma_y"]}
+                          if name == "em" else {}),
                        **{k: v for k, v in sc.items() if k not in ("cov_err", "mean_err")}}
                 rows.append(row)
                 log(f"  {name:15s} {kimg:7.1f} kimg  cov err {sc['cov_err']:.3f} "

@@ -297,3 +297,80 @@ def test_pool_ages_are_recorded_and_bounded_by_the_rotation(em_run, tmp_path, ca
 
     with np.load(out / "completions" / "lap-01.npz") as z:
         assert np.array_equal(z["index"], subset(24, 12, EM_SUBSET_STREAM, 0, 1).numpy())
+
+
+def test_m_step_learning_rate_schedule_is_recorded_kept_on_resume_and_old_runs_stay_constant(em_run, tmp_path,
+                                                                                             capsys):
+    root, obs = em_run
+    default = em_module.MSTEP_LR_SCHEDULE
+    assert json.loads((root / "run" / "em_config.json").read_text())["em"]["lr_schedule"] == default
+    for lap in ("lap-00", "lap-01"):
+        assert json.loads((root / "run" / lap / "config.json").read_text())["train"]["lr_schedule"] == default
+    args = list(TINY)
+    args[args.index("--laps") + 1] = "1"
+    out = tmp_path / "cos"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *args, "--lr-schedule", "cosine",
+                        "--lr-warmup-kimg", "0"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "lap-00" / "stats.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs and lrs[-1] < 0.2 * 1e-3  # decayed towards 0 by the lap's end
+    # resumed without the flag: the run keeps cosine in its next lap; asking for another schedule is refused
+    before = files(out)
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY, "--lr-schedule", "constant",
+                        "--lr-warmup-kimg", "0"], capsys)
+    assert code == 2 and "--lr-schedule" in err and err.count("\n") == 1, err
+    assert files(out) == before
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY, "--lr-warmup-kimg", "0"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "lap-01" / "config.json").read_text())["train"]["lr_schedule"] == "cosine"
+    # a run from before the option (nothing recorded) resumes at a constant rate
+    old = tmp_path / "old"
+    assert run(["em", "--data", str(obs), "--outdir", str(old), *args, "--lr-schedule", "constant"], capsys)[0] == 0
+    saved = json.loads((old / "em_config.json").read_text())
+    del saved["em"]["lr_schedule"]
+    (old / "em_config.json").write_text(json.dumps(saved))
+    assert run(["em", "--data", str(obs), "--outdir", str(old), *TINY], capsys)[0] == 0
+    assert json.loads((old / "em_config.json").read_text())["em"]["lr_schedule"] == "constant"
+    assert json.loads((old / "lap-01" / "config.json").read_text())["train"]["lr_schedule"] == "constant"
+
+
+def test_diverged_completions_of_uint8_data_are_counted_and_reported(em_run, tmp_path, monkeypatch, capsys):
+    """A diverging E-step (a learned Jacobian at a tiny σ_y can blow values up) must not pass unseen: the values
+    beyond ±2 in model units are counted in stats.jsonl and one notice names --sigma-y."""
+    _, obs = em_run
+    real = em_module.mmps_samples
+    hidden_values = []
+
+    def diverging(*args, **kwargs):
+        images, calls = real(*args, **kwargs)
+        mask = args[2]
+        hidden_values.append(int((mask == 0).sum()))
+        return mask * images + (1 - mask) * 10.0, calls  # every hidden value far beyond the range
+
+    monkeypatch.setattr(em_module, "mmps_samples", diverging)
+    out = tmp_path / "run"
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert rows[1]["estep_clipped"] == sum(hidden_values) > 0
+    with np.load(out / "completions" / "lap-01.npz") as z:
+        assert int((z["images"] == 255).sum()) >= sum(hidden_values)  # stored clipped to the uint8 range
+    notices = [line for line in err.splitlines() if line.startswith("notice:") and "diverged" in line]
+    assert len(notices) == 1 and "--sigma-y" in notices[0] and "lap 1" in notices[0]
+
+
+def test_sigma_y_default_for_masks_and_a_resumed_run_keeps_its_own(em_run, tmp_path, capsys):
+    root, obs = em_run
+    assert json.loads((root / "run" / "em_config.json").read_text())["em"]["sigma_y"] == em_module.MASK_SIGMA_Y
+    args = list(TINY)
+    args[args.index("--laps") + 1] = "1"
+    out = tmp_path / "old"
+    assert run(["em", "--data", str(obs), "--outdir", str(out), *args, "--sigma-y", "0.001"], capsys)[0] == 0
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY], capsys)  # no flag: its own
+    assert code == 0, err
+    assert json.loads((out / "em_config.json").read_text())["em"]["sigma_y"] == 0.001
+    before = files(out)
+    code, _, err = run(["em", "--data", str(obs), "--outdir", str(out), *TINY, "--sigma-y", "0.1"], capsys)
+    assert code == 2 and "--sigma-y" in err and err.count("\n") == 1, err
+    assert files(out) == before

@@ -1,6 +1,8 @@
 """`ambient em` on measurements through an operator (k-space, blur): lap 0 by Monte-Carlo EM, MMPS E-steps through
 the operator, float completions in the data's units, resume, sampling, and what it refuses."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,10 @@ def test_laps_run_and_completions_are_floats_in_the_data_units(em_operator_run):
         assert (run_dir / name).is_file(), name
     with np.load(run_dir / "gaussian.npz") as g:
         assert len(g["change"]) == 4 and np.isfinite(g["change"]).all()
+    # σ_y not given: through an operator the E-step takes the data's own σ_y over this floor (masks: 0.1)
+    import ambient.learners.em as em_module
+
+    assert json.loads((run_dir / "em_config.json").read_text())["em"]["sigma_y"] == em_module.OPERATOR_SIGMA_Y
     meas = load_measurements(data)
     for lap in (0, 1):
         with np.load(run_dir / "completions" / f"lap-{lap:02d}.npz") as z:

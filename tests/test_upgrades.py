@@ -24,18 +24,21 @@ def test_em_section():
     assert em_section({}, data) == {}
     old = {"rank": 1000}
     assert em_section(old, data) == {"rank": 64, "lap0": "sample", "gaussian_tol": None, "redraw": "random",
-                                     "gaussian_tol_per": "value"} and old == {"rank": 1000}
-    today = {"rank": 16, "lap0": "mean", "gaussian_tol": 1e-4, "gaussian_tol_per": "value", "redraw": "rotate"}
+                                     "gaussian_tol_per": "value", "lr_schedule": "constant"} and old == {"rank": 1000}
+    today = {"rank": 16, "lap0": "mean", "gaussian_tol": 1e-4, "gaussian_tol_per": "value", "redraw": "rotate",
+             "lr_schedule": "cosine"}
     assert em_section(today, data) == today
     assert em_section({"rank": 1000, "lap0": "mean"}, {}) == {"rank": 1000, "lap0": "mean", "gaussian_tol": None,
-                                                               "redraw": "random", "gaussian_tol_per": "value"}
+                                                               "redraw": "random", "gaussian_tol_per": "value",
+                                                               "lr_schedule": "constant"}
 
 
 def test_em_section_gaussian_tol_per_image_becomes_per_observed_value():
     """2026-12-04: --gaussian-tol was nats per image, now nats per observed value; an old run's criterion is kept."""
     old = {"rank": 16, "lap0": "sample", "redraw": "rotate", "gaussian_tol": 2e-3}
     fm = {"shape": [1, 28, 28], "observed_share": 0.2}  # 156.8 observed values per image
-    assert em_section(old, fm) == {**old, "gaussian_tol": 2e-3 / 156.8, "gaussian_tol_per": "value"}
+    assert em_section(old, fm) == {**old, "gaussian_tol": 2e-3 / 156.8, "gaussian_tol_per": "value",
+                                   "lr_schedule": "constant"}
     assert old["gaussian_tol"] == 2e-3 and "gaussian_tol_per" not in old
     assert em_section(old, {"shape": [1, 8, 8]})["gaussian_tol"] == 2e-3 / 64  # share not recorded: every pixel
     assert em_section({**old, "gaussian_tol": None}, fm)["gaussian_tol"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ambient.learners.core import LR_SCHEDULES
 from ambient.learners.em import LAP0, REDRAWS, EMConfig
 
 _D = EMConfig()
@@ -43,13 +44,19 @@ EM_OPTIONS = [
     ("gaussian_size", int, "Observations the Gaussian is fitted on (a seeded subset)."),
     ("steps", int, "E-step sampler steps (EDM schedule)."),
     ("cg_iters", int, "MMPS conjugate-gradient iterations per denoiser call."),
-    ("sigma_y", float, "Observation noise σ_y assumed by MMPS (images in [-1, 1])."),
+    ("sigma_y", float, "Observation noise σ_y assumed by MMPS (images in [-1, 1]). Default: 0.1 for masked "
+                       "data (with 1e-3, the default before 2026-12-05, a learned network's E-step blew 1-2 % of "
+                       "the hidden values up; docs/fidelity.md); for measurements files their own σ_y, at least "
+                       "1e-3. A resumed run keeps its own."),
     ("solver", str, "E-step ODE solver: heun or euler."),
     ("estep_batch", int, "Observations per E-step batch (each batch is saved: the unit of resuming)."),
     ("arch", str, "Backbone preset of the M-step network."),
     ("batch", int, "M-step batch size."),
     ("lr", float, "M-step Adam learning rate (the optimizer restarts each lap)."),
     ("lr_warmup_kimg", float, "M-step learning-rate warm-up, in kimg (each lap)."),
+    ("lr_schedule", click.Choice(LR_SCHEDULES), "M-step learning rate after the warm-up: constant, or cosine decay "
+                                                "to 0 at the end of each lap. Default: constant; a resumed run "
+                                                "keeps its own."),
     ("ema", float, "M-step EMA half-life in kimg."),
     ("snapshot_kimg", float, "M-step snapshot interval in kimg (the unit of resuming an M-step)."),
     ("grid_samples", int, "Images in each M-step snapshot's sample grid; 0 disables."),

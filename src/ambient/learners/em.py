@@ -41,7 +41,7 @@ from ambient.distributed import resolve_device
 from ambient.errors import AmbientInputError
 from ambient.folders import EM_RUN, claim_outdir, stamped
 from ambient.io import append_jsonl, atomic_save_npz, atomic_write_json, read_json, read_jsonl, read_npz
-from ambient.learners.core import check_resume_compatible
+from ambient.learners.core import LR_SCHEDULES, check_resume_compatible
 from ambient.learners.gaussian_prior import (
     NOISES,
     GaussianPrior,
@@ -59,8 +59,16 @@ from ambient.store.models import MODEL_POINTER, load_model, reimport_hint
 from ambient.store.upgrades import em_section
 
 LAP0 = ("mean", "sample")
-CLIP = 2.0  # operator runs: completions clipped to [-CLIP, CLIP] in model units (the value range ± half its width)
+# float and operator runs: completions clipped to [-CLIP, CLIP] in model units (the value range ± half its width);
+# uint8 runs store [-1, 1]. In every run a completed value beyond ±CLIP counts as diverged (stats, a notice)
+CLIP = 2.0
 REDRAWS = ("rotate", "random")
+MSTEP_LR_SCHEDULE = "constant"  # a new run's M-step schedule (EMConfig.lr_schedule None)
+# A new run's MMPS σ_y (EMConfig.sigma_y None). Masked data: 0.1, since 2026-12-05 (1e-3 before: with a learned
+# network's Jacobian the E-step's one CG step then blew up to 1-2 % of the hidden values; docs/fidelity.md, issue 24).
+# Measurements files: their own σ_y, at least OPERATOR_SIGMA_Y (as before)
+MASK_SIGMA_Y = 0.1
+OPERATOR_SIGMA_Y = 1e-3
 # Fields that may change when a run is resumed; every other field must match the saved run.
 # gaussian_iters/gaussian_tol act once, when lap 0 fits the Gaussian (then saved as gaussian.npz)
 # and lap0 once, when lap 0 completes the observations (runs made with the default of before keep theirs)
@@ -95,13 +103,18 @@ class EMConfig(ConfigBase, what="em"):
     gaussian_size: int | None = 10000  # observations the Gaussian is fitted on (None: all)
     steps: int = 18
     cg_iters: int = 1
-    sigma_y: float = 1e-3
+    # MMPS's σ_y (model units, images in [-1, 1]); None: a new run's default (MASK_SIGMA_Y for masked data; for
+    # measurements files their own σ_y, floored at OPERATOR_SIGMA_Y), a resumed run's own
+    sigma_y: float | None = None
     solver: str = "heun"
     estep_batch: int = 64
     arch: str = "small"
     batch: int = 64
     lr: float = 1e-3
     lr_warmup_kimg: float = 1.0
+    # each M-step's learning rate after its warm-up: "constant", or "cosine" (decay to 0 at the lap's end, restarting
+    # each lap); None: the default for a new run, the run's own for a resumed one (runs from before: constant)
+    lr_schedule: str | None = None
     ema: float = 0.5
     snapshot_kimg: float = 5.0
     grid_samples: int = 16
@@ -131,6 +144,8 @@ class EMConfig(ConfigBase, what="em"):
                 self.fail(name, f"must be positive, got {v!r}")
         for name in ("sigma_y", "lr_warmup_kimg", "ema"):
             v = getattr(self, name)
+            if v is None and name == "sigma_y":
+                continue
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 self.fail(name, f"must be >= 0, got {v!r}")
         if not 0 <= self.corruption_probability < 1:
@@ -141,6 +156,8 @@ class EMConfig(ConfigBase, what="em"):
                 self.fail(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.redraw is not None and self.redraw not in REDRAWS:
             self.fail("redraw", f"must be one of {', '.join(REDRAWS)}, got {self.redraw!r}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            self.fail("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not is_int(self.grid_samples, 0):
             self.fail("grid_samples", f"must be an integer >= 0, got {self.grid_samples!r}")
         if not self.outdir:
@@ -309,12 +326,20 @@ class EMRun:
         if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
             if self.cfg.redraw is None:
                 self.cfg = replace(self.cfg, redraw=REDRAWS[0])
+            if self.cfg.lr_schedule is None:
+                self.cfg = replace(self.cfg, lr_schedule=MSTEP_LR_SCHEDULE)
+            if self.cfg.sigma_y is None:
+                self.cfg = replace(self.cfg, sigma_y=OPERATOR_SIGMA_Y if self.meas is not None else MASK_SIGMA_Y)
             return
         saved = read_json(path)
         meta = saved.get("data", {})
         saved_em = em_section(saved.get("em", {}), meta)
         if self.cfg.redraw is None:  # not given: the run keeps its own schedule
             self.cfg = replace(self.cfg, redraw=saved_em.get("redraw", REDRAWS[0]))
+        if self.cfg.lr_schedule is None:
+            self.cfg = replace(self.cfg, lr_schedule=saved_em.get("lr_schedule", "constant"))
+        if self.cfg.sigma_y is None:
+            self.cfg = replace(self.cfg, sigma_y=saved_em.get("sigma_y", OPERATOR_SIGMA_Y))
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
@@ -464,8 +489,8 @@ class EMRun:
                                                           op.to(device), seeds, steps=cfg.steps,
                                                           cg_iters=cfg.cg_iters, sigma_y=max(op.sigma_y, cfg.sigma_y),
                                                           solver=cfg.solver)
-                stored = self.stored(images.cpu())  # float completions clipped (see stored): count what was
-                clipped = int((images.abs() > CLIP).sum()) if self.float_units() else 0
+                stored = self.stored(images.cpu())  # completions clipped (see stored): count what diverged
+                clipped = int((images.abs() > CLIP).sum())
                 atomic_save_npz(part, images=stored, seconds=np.float64(time.perf_counter() - t0),
                                 forward=np.int64(calls["forward"]), vjp=np.int64(calls["vjp"]),
                                 clipped=np.int64(clipped))
@@ -478,8 +503,8 @@ class EMRun:
                      "estep_clipped": int(sum(p.get("clipped", 0) for p in loaded_parts))}
             if stats["estep_clipped"]:
                 share = stats["estep_clipped"] / max(1, len(idx) * int(np.prod(self.data.shape)))
-                self.log(f"notice: lap {lap} E-step: {share:.2%} of the completed values diverged beyond the data's "
-                         f"range and were clipped (more CG iterations, --cg-iters, or a longer lap 0 may help)")
+                self.log(f"notice: lap {lap} E-step: {share:.2%} of the completed values diverged (beyond the data's "
+                         f"range by more than half its width) and were clipped; a larger --sigma-y may help")
             extra = self.units()
             atomic_save_npz(out, images=np.concatenate([p["images"] for p in loaded_parts]), index=idx.numpy(),
                             **{k: np.asarray(v) for k, v in stats.items()}, **extra)
@@ -489,12 +514,13 @@ class EMRun:
                 for k in ("estep_seconds", "estep_forward", "estep_vjp", "estep_images", "estep_clipped") if k in z}
 
     def train_config(self, lap: int) -> TrainConfig:
-        """Lap ``lap``'s M-step: clean training on the pool, warm-started from the previous lap, at a constant
-        learning rate (the cosine decay ``ambient train`` defaults to was measured on single runs, not on laps)."""
+        """Lap ``lap``'s M-step: clean training on the pool for ``lap_kimg``, warm-started from the previous lap, with
+        the run's learning-rate schedule (cosine: warm-up, then decay to 0 at the lap's end, every lap)."""
         cfg = self.cfg
         return TrainConfig(data=str(self.training_data(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
                            corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
-                           lr_warmup_kimg=cfg.lr_warmup_kimg, lr_schedule="constant", kimg=cfg.lap_kimg, ema=cfg.ema,
+                           lr_warmup_kimg=cfg.lr_warmup_kimg, lr_schedule=cfg.lr_schedule or MSTEP_LR_SCHEDULE,
+                           kimg=cfg.lap_kimg, ema=cfg.ema,
                            snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
                            grid_samples=cfg.grid_samples, seed=mix_seed(EM_MSTEP_STREAM, cfg.seed, lap) % 2**31,
                            device=cfg.device, init=str(self.lap_dir(lap - 1)) if lap > 0 else None)

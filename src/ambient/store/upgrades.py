@@ -55,6 +55,9 @@ def em_section(em: dict, data: dict) -> dict:
     # redraw: since issue 24 (2026-12-04); runs from before redrew a fresh seeded subset per lap
     if em and "redraw" not in em:
         em["redraw"] = "random"
+    # lr_schedule: since 2026-12-05 (issue 24); the M-steps of runs from before kept a constant rate
+    if em and "lr_schedule" not in em:
+        em["lr_schedule"] = "constant"
     # gaussian_tol: since issue 24 (2026-12-04); runs from before ran all --gaussian-iters iterations
     if em and "gaussian_tol" not in em:
         em["gaussian_tol"] = None
