@@ -55,8 +55,9 @@ EM_OPTIONS = [
     ("lr", float, "M-step Adam learning rate (the optimizer restarts each lap)."),
     ("lr_warmup_kimg", float, "M-step learning-rate warm-up, in kimg (each lap)."),
     ("lr_schedule", click.Choice(LR_SCHEDULES), "M-step learning rate after the warm-up: constant, or cosine decay "
-                                                "to 0 at the end of each lap. Default: constant; a resumed run "
-                                                "keeps its own."),
+                                                "to 0 at the end of each lap (measured worse on 25-kimg laps, "
+                                                "docs/fidelity.md). Default: constant; a resumed run keeps its "
+                                                "own."),
     ("ema", float, "M-step EMA half-life in kimg."),
     ("snapshot_kimg", float, "M-step snapshot interval in kimg (the unit of resuming an M-step)."),
     ("grid_samples", int, "Images in each M-step snapshot's sample grid; 0 disables."),
