@@ -142,7 +142,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         torch.set_num_threads(1)
-        print("pid", os.getpid(), flush=True)
+        os.write(1, f"pid {os.getpid()}\\n".encode())  # one write: a SIGKILL cannot cut a line in two
         v, n = int(line), 400_000
         while True:
             save_snapshot(path, config={"version": v}, model={"w": torch.full((n,), float(v))},
@@ -151,7 +151,7 @@ for line in sys.stdin:
                                                    "exp_avg": torch.full((n,), -float(v))}},
                                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]},
                           extra_state={"version": v})
-            print(v, flush=True)
+            os.write(1, f"{v}\\n".encode())
             v += 1
     os.waitpid(pid, 0)
     print("reaped", flush=True)
