@@ -463,8 +463,9 @@ def main(argv=None) -> None:
                 run = root / f"{case.name}-clean{suffix}"
             else:
                 run = root / (run_key(case, law, method) + suffix)
-            if name == "em" and em_sigma_y(law, args) != 1e-3:  # the folders of before name none (all 1e-3)
-                run = run.with_name(f"{run.name}-sy{em_sigma_y(law, args):g}")
+            sigma_y = em_sigma_y(law, args) if name == "em" else None
+            if sigma_y is not None and sigma_y != 1e-3:  # the em folders of before name none (all 1e-3)
+                run = run.with_name(f"{run.name}-sy{sigma_y:g}")
             t0 = time.perf_counter()
             if name == "em":
                 if law.pattern == "box":
@@ -497,8 +498,7 @@ def main(argv=None) -> None:
                        "floor_noise": fl["noise"], "floor_sampler_at_n": fl["sampler_at_n"],
                        "ratio_to_floor": sc["cov_err"] / fl["sampler_at_n"], "train_s_now": train_s,
                        "mode": args.mode, "lr_schedule": schedule,
-                       **({"sigma_y": json.loads((run / "em_config.json").read_text())["em"]["sigma_y"]}
-                          if name == "em" else {}),
+                       **({"sigma_y": sigma_y} if sigma_y is not None else {}),
                        **{k: v for k, v in sc.items() if k not in ("cov_err", "mean_err")}}
                 rows.append(row)
                 log(f"  {name:15s} {kimg:7.1f} kimg  cov err {sc['cov_err']:.3f} "

@@ -323,23 +323,20 @@ class EMRun:
 
     def _check_resume(self) -> None:
         path = self.root / "em_config.json"
-        if not path.is_file():  # a new or empty folder (claim_outdir refused any other)
-            if self.cfg.redraw is None:
-                self.cfg = replace(self.cfg, redraw=REDRAWS[0])
-            if self.cfg.lr_schedule is None:
-                self.cfg = replace(self.cfg, lr_schedule=MSTEP_LR_SCHEDULE)
-            if self.cfg.sigma_y is None:
-                self.cfg = replace(self.cfg, sigma_y=OPERATOR_SIGMA_Y if self.meas is not None else MASK_SIGMA_Y)
+        saved = read_json(path) if path.is_file() else None  # None: a new or empty folder (claim_outdir checked)
+        meta = saved.get("data", {}) if saved is not None else {}
+        saved_em = em_section(saved.get("em", {}), meta) if saved is not None else None
+        # the fields whose flag defaults to None: a new run takes today's default, a resumed run its own
+        if saved_em is None:
+            unset = {"redraw": REDRAWS[0], "lr_schedule": MSTEP_LR_SCHEDULE,
+                     "sigma_y": OPERATOR_SIGMA_Y if self.meas is not None else MASK_SIGMA_Y}
+        else:
+            unset = {"redraw": saved_em.get("redraw", REDRAWS[0]),
+                     "lr_schedule": saved_em.get("lr_schedule", "constant"),
+                     "sigma_y": saved_em.get("sigma_y", OPERATOR_SIGMA_Y)}
+        self.cfg = replace(self.cfg, **{k: v for k, v in unset.items() if getattr(self.cfg, k) is None})
+        if saved_em is None:
             return
-        saved = read_json(path)
-        meta = saved.get("data", {})
-        saved_em = em_section(saved.get("em", {}), meta)
-        if self.cfg.redraw is None:  # not given: the run keeps its own schedule
-            self.cfg = replace(self.cfg, redraw=saved_em.get("redraw", REDRAWS[0]))
-        if self.cfg.lr_schedule is None:
-            self.cfg = replace(self.cfg, lr_schedule=saved_em.get("lr_schedule", "constant"))
-        if self.cfg.sigma_y is None:
-            self.cfg = replace(self.cfg, sigma_y=saved_em.get("sigma_y", OPERATOR_SIGMA_Y))
         if meta.get("fingerprint") != self.meta["fingerprint"]:
             raise AmbientInputError(f"--data {self.cfg.data}: not the observations the run in {self.root} was "
                                     f"started with ({meta.get('num_images')} images of shape {meta.get('shape')}, "
@@ -519,7 +516,7 @@ class EMRun:
         cfg = self.cfg
         return TrainConfig(data=str(self.training_data(lap)), outdir=str(self.lap_dir(lap)), objective="naive",
                            corruption_probability=0.0, arch=cfg.arch, batch=cfg.batch, lr=cfg.lr,
-                           lr_warmup_kimg=cfg.lr_warmup_kimg, lr_schedule=cfg.lr_schedule or MSTEP_LR_SCHEDULE,
+                           lr_warmup_kimg=cfg.lr_warmup_kimg, lr_schedule=cfg.lr_schedule,
                            kimg=cfg.lap_kimg, ema=cfg.ema,
                            snapshot_kimg=min(cfg.snapshot_kimg, cfg.lap_kimg), tick_kimg=min(0.5, cfg.lap_kimg),
                            grid_samples=cfg.grid_samples, seed=mix_seed(EM_MSTEP_STREAM, cfg.seed, lap) % 2**31,
