@@ -41,7 +41,7 @@ import torch
 from ambient.data.datasets import load_dataset, load_images
 from ambient.data.images import float_to_uint8
 from ambient.io import atomic_save_npz, atomic_write_text, read_jsonl
-from ambient.learners.em import EMConfig, load_observations, run_em
+from ambient.learners.em import MASK_SIGMA_Y, EMConfig, load_observations, run_em
 from ambient.learners.train import train
 from ambient.learners.train_config import TrainConfig
 from ambient.metrics.features import cached_features
@@ -221,12 +221,20 @@ def rgb_setup(args, root: Path):
 
 
 # ---------------------------------------------------------------------------------------------- EM
-def em_config(args, root: Path, em_kwargs: dict, init: str | None) -> EMConfig:
+def em_names(init: str | None, sigma_y: float) -> tuple[str, str]:
+    """(method, run folder) of an EM run: the method is plain ``em`` at ambient em's σ_y; the folders of runs at
+    σ_y = 1e-3 (the default before MASK_SIGMA_Y) keep their unsuffixed names, so those runs are reused."""
+    base = "em-init" if init else "em"
+    return (base if sigma_y == MASK_SIGMA_Y else f"{base}-sy{sigma_y:g}",
+            base if sigma_y == 1e-3 else f"{base}-sy{sigma_y:g}")
+
+
+def em_config(args, root: Path, em_kwargs: dict, init: str | None, sigma_y: float) -> EMConfig:
     lap_kimg = args.kimg / args.laps
-    return EMConfig(outdir=str(root / ("em-init" if init else "em")), init=init, laps=args.laps, lap_kimg=lap_kimg,
+    return EMConfig(outdir=str(root / em_names(init, sigma_y)[1]), init=init, laps=args.laps, lap_kimg=lap_kimg,
                     estep_size=args.estep_size, rank=args.rank,
                     **({} if args.gaussian_iters is None else {"gaussian_iters": args.gaussian_iters}),
-                    gaussian_size=args.gaussian_size, steps=args.steps, cg_iters=1, sigma_y=1e-3, estep_batch=64,
+                    gaussian_size=args.gaussian_size, steps=args.steps, cg_iters=1, sigma_y=sigma_y, estep_batch=64,
                     arch="small", batch=32, lr=2e-3, ema=max(lap_kimg / 8, 0.1),
                     snapshot_kimg=max(lap_kimg / 2, 0.5), seed=0, **em_kwargs)
 
@@ -268,7 +276,8 @@ def write_docs(args, rows: list[dict], figure: list, meta: dict) -> None:
              " min this invocation; the machine was shared with other jobs, so minutes are not speed figures).", "",
              f"Every model: `small` backbone, batch 32, lr 0.002, seed 0, {args.kimg:g} kimg (EM: {args.laps} laps × "
              f"{args.kimg / args.laps:g} kimg, {args.estep_size} fresh MMPS completions per lap ({args.steps} Heun "
-             f"steps, 1 CG iteration), Gaussian lap 0 of rank {args.rank}). Scores: {args.num_samples} samples (Heun, "
+             f"steps, 1 CG iteration, σ_y = {MASK_SIGMA_Y:g}, ambient em's default; `em-syX` rows: σ_y = X), Gaussian "
+             f"lap 0 of rank {args.rank}). Scores: {args.num_samples} samples (Heun, "
              f"18 steps) against {args.num_ref} clean test images. `compl. KID`: KID of the lap's completions; "
              "`hidden PSNR`: completions vs the clean images on hidden pixels ([−1, 1], dB).", "",
              "| method | lap | kimg | FID ↓ | KID ×10³ ↓ | SWD ×10² ↓ | compl. KID ×10³ | hidden PSNR | train min |",
@@ -323,6 +332,9 @@ def main(argv=None) -> None:
                          "ambient model em-init starts from)")
     ap.add_argument("--deltas-all", action="store_true",
                     help=f"box: train tilted at every δ in {BOX_DELTAS} (edm and pixel always are)")
+    ap.add_argument("--em-sigma-y", type=float, nargs="+", default=[MASK_SIGMA_Y],
+                    help=f"EM's MMPS σ_y, one EM run each (default: ambient em's, {MASK_SIGMA_Y:g}; runs at 1e-3, "
+                         "the earlier default, live in the unsuffixed em folders)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
     args = ap.parse_args(argv)
@@ -360,8 +372,10 @@ def main(argv=None) -> None:
                     f"(mean image: {r['mse_a_hole_mean_image']:.4f}, {r['mse_delta_hole_mean_image']:.4f}); "
                     f"visible σ=0.2 {r['mse_visible_s0.2']:.4f} (clean model {r['mse_visible_s0.2_clean']:.4f})")
     init_train_s = next(r["train_s"] for r in rows if r["method"] == init_key)
-    for method, init in [("em", None)] + ([] if args.no_init else [("em-init", dirs[init_key])]):
-        cfg = em_config(args, root, em_kwargs, init)
+    inits = [None] + ([] if args.no_init else [dirs[init_key]])
+    for init, sigma_y in [(i, sy) for i in inits for sy in args.em_sigma_y]:
+        method = em_names(init, sigma_y)[0]
+        cfg = em_config(args, root, em_kwargs, init, sigma_y)
         log(f"{method}: {cfg.laps} laps × {cfg.lap_kimg:g} kimg in {cfg.outdir}")
         run_em(cfg, log=lambda m: None)
         lap_rows, last = em_rows(args, cfg, scorer, clean, method, init_train_s if init else 0.0)
