@@ -369,6 +369,9 @@ def parse_args(argv=None):
     ap.add_argument("--kimg", type=float)
     ap.add_argument("--kimg-mid", type=float)
     ap.add_argument("--num-samples", type=int)
+    ap.add_argument("--num-train", type=int, default=NUM_TRAIN,
+                    help=f"training images (observations) per case (default {NUM_TRAIN}; another size names the data "
+                         "files and run folders, -n<size>)")
     ap.add_argument("--em-laps", type=int)
     ap.add_argument("--em-lap0", default="sample", choices=("sample", "mean"))
     ap.add_argument("--em-estep", type=int, default=2000, help="observations EM redraws per lap (MMPS)")
@@ -399,6 +402,8 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.laws = [parse_law(t) for t in args.laws]
+    if args.num_train < 2:
+        raise SystemExit(f"error: --num-train {args.num_train}: expected at least 2 images")
     return args
 
 
@@ -444,15 +449,17 @@ def main(argv=None) -> None:
             method = Method(name)
             clean = name == "clean"
             data_law = None if clean or law.pattern == "box" else law
-            data = root / "data" / f"{case.name}-{'clean' if data_law is None else law.key}.npz"
+            # data sets of another size than NUM_TRAIN name it (their folders and files too)
+            ntag = "" if args.num_train == NUM_TRAIN else f"-n{args.num_train}"
+            data = root / "data" / f"{case.name}-{'clean' if data_law is None else law.key}{ntag}.npz"
             if data_law is not None and data_law.operator:
                 if name not in ("naive", "em"):
                     continue  # an ambient model needs masks; the operator rows are clean, naive, EM
-                meas = root / "data" / f"{case.name}-{law.key}-measurements.npz"
-                write_kspace_data(case, law, meas, data, NUM_TRAIN, seed=args.seed + 1)
+                meas = root / "data" / f"{case.name}-{law.key}-measurements{ntag}.npz"
+                write_kspace_data(case, law, meas, data, args.num_train, seed=args.seed + 1)
                 data = meas if name == "em" else data
             else:
-                write_data(case, data_law, data, NUM_TRAIN, seed=args.seed + 1)
+                write_data(case, data_law, data, args.num_train, seed=args.seed + 1)
             if clean and any(r["case"] == case.name and r["method"] == "clean" for r in rows):
                 continue  # one clean model per case
             # a trained model's folder names its learning-rate schedule unless constant (the folders of before
@@ -460,9 +467,9 @@ def main(argv=None) -> None:
             schedule = args.em_lr_schedule if name == "em" else args.lr_schedule
             suffix = "" if schedule == "constant" else f"-{schedule}"
             if clean:
-                run = root / f"{case.name}-clean{suffix}"
+                run = root / f"{case.name}-clean{suffix}{ntag}"
             else:
-                run = root / (run_key(case, law, method) + suffix)
+                run = root / (run_key(case, law, method) + suffix + ntag)
             sigma_y = em_sigma_y(law, args) if name == "em" else None
             if sigma_y is not None and sigma_y != 1e-3:  # the em folders of before name none (all 1e-3)
                 run = run.with_name(f"{run.name}-sy{sigma_y:g}")
@@ -473,7 +480,7 @@ def main(argv=None) -> None:
                 run_em(em_config(case, law, data, run, args), log=lambda _m: None)
                 train_s = time.perf_counter() - t0
                 gauss = run / "gaussian.npz"
-                if law.operator and gauss.is_file():  # lap 0's Gaussian, scored exactly (no sampling noise)
+                if gauss.is_file():  # lap 0's Gaussian, scored exactly (no sampling noise): the data's information
                     fitted = GaussianPrior.from_arrays(read_npz(gauss))
                     mean, cov = case.moments()
                     g_err = relative_covariance_error(fitted.covariance(), cov)
@@ -555,7 +562,8 @@ def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:
         f"`{command.strip()}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min on {platform.machine()} "
         f"({args.threads} thread(s)), `{args.arch}` backbone, batch {args.batch}, lr {args.lr:g} "
         f"({args.lr_schedule}), δ = {args.delta:g} for given masks, "
-        f"{args.num_samples} samples per model, {args.steps} Heun steps; {NUM_TRAIN} training images per case.", "",
+        f"{args.num_samples} samples per model, {args.steps} Heun steps; {args.num_train} training images per "
+        "case.", "",
         markdown_table(rows), end])
     if start in text and end in text:
         text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
