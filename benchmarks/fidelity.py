@@ -542,8 +542,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def section_key(args) -> str:
     """The docs section (and docs/fidelity.json rows) of a run: its mode, and its learning-rate schedule unless
-    constant (sections from before the option were all constant)."""
-    return args.mode if args.lr_schedule == "constant" else f"{args.mode}-{args.lr_schedule}"
+    constant (sections from before the option were all constant), and its data size unless NUM_TRAIN."""
+    key = args.mode if args.lr_schedule == "constant" else f"{args.mode}-{args.lr_schedule}"
+    return key if args.num_train == NUM_TRAIN else f"{key}-n{args.num_train}"
 
 
 def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:
@@ -558,7 +559,9 @@ def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     command = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join([
-        start, f"## {args.mode} mode" + ("" if section == args.mode else f", {args.lr_schedule} learning rate"), "",
+        start, f"## {args.mode} mode"
+        + ("" if args.lr_schedule == "constant" else f", {args.lr_schedule} learning rate")
+        + ("" if args.num_train == NUM_TRAIN else f", {args.num_train} training images"), "",
         f"`{command.strip()}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.0f} min on {platform.machine()} "
         f"({args.threads} thread(s)), `{args.arch}` backbone, batch {args.batch}, lr {args.lr:g} "
         f"({args.lr_schedule}), δ = {args.delta:g} for given masks, "
