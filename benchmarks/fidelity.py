@@ -449,8 +449,7 @@ def main(argv=None) -> None:
             method = Method(name)
             clean = name == "clean"
             data_law = None if clean or law.pattern == "box" else law
-            # data sets of another size than NUM_TRAIN name it (their folders and files too)
-            ntag = "" if args.num_train == NUM_TRAIN else f"-n{args.num_train}"
+            ntag = size_tag(args)
             data = root / "data" / f"{case.name}-{'clean' if data_law is None else law.key}{ntag}.npz"
             if data_law is not None and data_law.operator:
                 if name not in ("naive", "em"):
@@ -544,7 +543,12 @@ def section_key(args) -> str:
     """The docs section (and docs/fidelity.json rows) of a run: its mode, and its learning-rate schedule unless
     constant (sections from before the option were all constant), and its data size unless NUM_TRAIN."""
     key = args.mode if args.lr_schedule == "constant" else f"{args.mode}-{args.lr_schedule}"
-    return key if args.num_train == NUM_TRAIN else f"{key}-n{args.num_train}"
+    return key + size_tag(args)
+
+
+def size_tag(args) -> str:
+    """What names a data size other than NUM_TRAIN: its data files, run folders and docs section end in -n<size>."""
+    return "" if args.num_train == NUM_TRAIN else f"-n{args.num_train}"
 
 
 def write_docs(args, rows: list[dict], elapsed: float, argv) -> None:

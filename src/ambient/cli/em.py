@@ -43,7 +43,7 @@ EM_OPTIONS = [
                             "the best fit found, 5-10x under the fit's sampling noise (docs/em.md)."),
     ("gaussian_size", int, "Observations the Gaussian is fitted on (a seeded subset; the fit's time grows linearly "
                            "with them, its error falls: on the 8x8 Gaussian at p = 0.9, 0.080 / 0.066 / "
-                           "0.036 from the true covariance with 10000 / 20000 / 100000 (docs/fidelity.md)."),
+                           "0.036 from the true covariance with 10000 / 20000 / 100000; docs/fidelity.md)."),
     ("steps", int, "E-step sampler steps (EDM schedule)."),
     ("cg_iters", int, "MMPS conjugate-gradient iterations per denoiser call."),
     ("sigma_y", float, "Observation noise σ_y assumed by MMPS (images in [-1, 1]). Default: 0.1 for masked "
